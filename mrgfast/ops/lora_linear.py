@@ -1,0 +1,97 @@
+"""Fused LoRA linear: y = x W^T + b + scaling * (drop(x) A^T) B^T, with PEFT's shapes."""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from mrgfast.backend import select_backend
+from mrgfast.ops.dropout import new_seed, torch_keep_mask
+
+IMPLEMENTED = ("cpu", "triton")
+
+
+def reference_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
+                          scaling: float, keep_mask: Optional[Tensor] = None, dropout_p: float = 0.0) -> Tensor:
+    """Eager LoRA linear exactly as PEFT computes it; `keep_mask` [tokens, in] selects dropped inputs."""
+    dropped = x
+    if keep_mask is not None:
+        dropped = x * keep_mask.reshape(x.shape).to(x.dtype) / (1.0 - dropout_p)
+    base = torch.nn.functional.linear(x, weight, bias)
+    lora = torch.nn.functional.linear(torch.nn.functional.linear(dropped, lora_a.to(x.dtype)), lora_b.to(x.dtype))
+    return base + scaling * lora
+
+
+def check_lora_args(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
+                    dropout_p: float) -> None:
+    """Raise ValueError naming the argument whose shape, dtype or value is wrong."""
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [out, in], got shape {tuple(weight.shape)}")
+    out_features, in_features = weight.shape
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"x must end in in_features={in_features} (weight is [out, in]), got shape {tuple(x.shape)}")
+    if lora_a.dim() != 2 or lora_a.shape[0] <= 0 or lora_a.shape[1] != in_features:
+        raise ValueError(f"lora_a must be [r, in] with r > 0 and in={in_features}, got shape {tuple(lora_a.shape)}")
+    rank = lora_a.shape[0]
+    if tuple(lora_b.shape) != (out_features, rank):
+        raise ValueError(f"lora_b must be [out, r] = [{out_features}, {rank}], got shape {tuple(lora_b.shape)}")
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"bias must be [out] = [{out_features}], got shape {tuple(bias.shape)}")
+    if x.dtype != weight.dtype:
+        raise ValueError(f"x ({x.dtype}) and weight ({weight.dtype}) must share a dtype")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
+                scaling: float, dropout_p: float = 0.0, training: bool = False,
+                seed: Optional[int] = None) -> Tensor:
+    """LoRA linear on any leading dims of x: A is [r, in], B is [out, r]; dropout only when training."""
+    check_lora_args(x, weight, bias, lora_a, lora_b, dropout_p)
+    p = float(dropout_p) if training else 0.0
+    if p > 0.0 and seed is None:
+        seed = new_seed()
+    backend = select_backend("lora_linear", x, IMPLEMENTED)
+    x2d = x.reshape(-1, x.shape[-1])
+    # Adapters may be kept in fp32 beside a bf16 base (PEFT's autocast_adapter_dtype): compute in x's dtype.
+    lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+    if bias is not None:
+        bias = bias.to(x.dtype)
+    if backend == "reference":
+        keep = torch_keep_mask(x2d.shape[0], x2d.shape[1], p, seed, x.device) if p > 0.0 else None
+        y = reference_lora_linear(x2d, weight, bias, lora_a, lora_b, float(scaling), keep, p)
+    else:
+        y = LoRALinearFunction.apply(x2d, weight, bias, lora_a, lora_b, float(scaling), p, seed, backend)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def kernels_for(backend: str):
+    """The module holding forward/backward kernels of `backend` (imported lazily: triton is optional)."""
+    if backend == "triton":
+        from mrgfast.ops.triton import lora_linear as triton_kernels
+        return triton_kernels
+    from mrgfast.ops import lora_linear_cpu
+    return lora_linear_cpu
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """Autograd for 2-D LoRA linear; saves x and the r-wide x A^T, never the dropout mask."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, backend):
+        kernels = kernels_for(backend)
+        y, xa = kernels.lora_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, xa)
+        ctx.config = (scaling, dropout_p, seed, backend, bias is not None)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, lora_a, lora_b, xa = ctx.saved_tensors
+        scaling, dropout_p, seed, backend, has_bias = ctx.config
+        needs = ctx.needs_input_grad
+        grads = kernels_for(backend).lora_backward(
+            grad_y.contiguous(), x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed,
+            need_x=needs[0], need_weight=needs[1], need_bias=has_bias and needs[2],
+            need_a=needs[3], need_b=needs[4])
+        return (*grads, None, None, None, None)
