@@ -1,0 +1,37 @@
+"""Shared pieces of the LoRA op tests: backends, tolerances, and the keep mask each backend draws."""
+
+import pytest
+import torch
+
+from mrgfast.backend import triton_interpreting
+from mrgfast.ops.dropout import torch_keep_mask
+
+# Relative-to-max error allowed against the fp32 reference, by input dtype (one table for every op).
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+BACKENDS = ["reference", "cpu", pytest.param("triton", marks=pytest.mark.triton)]
+
+
+def use_backend(monkeypatch, backend: str) -> None:
+    """Force `backend` for this test; Triton on CPU tensors needs the interpreter."""
+    if backend == "triton" and not triton_interpreting():
+        pytest.skip("Triton on CPU tensors runs only in the interpreter (TRITON_INTERPRET=1); GPU runs: tests/gpu")
+    monkeypatch.setenv("MRGFAST_BACKEND", backend)
+
+
+def keep_mask_of(backend: str, rows: int, cols: int, p: float, seed: int, device="cpu"):
+    """The dropout keep mask `backend` draws for `seed`, to build the reference with."""
+    if p == 0.0:
+        return None
+    if backend == "triton":
+        from mrgfast.ops.triton.common import triton_keep_mask
+        return triton_keep_mask(rows, cols, p, seed, device)
+    return torch_keep_mask(rows, cols, p, seed, torch.device(device))
+
+
+def assert_close(actual, expected, dtype, what: str) -> None:
+    """Max abs error relative to the reference's max magnitude, within the dtype's tolerance."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    scale = expected.float().abs().max().clamp_min(1e-6)
+    error = ((actual.float() - expected.float()).abs().max() / scale).item() if expected.numel() else 0.0
+    assert error <= TOLERANCE[dtype], f"{what}: relative error {error:.3g} > {TOLERANCE[dtype]} ({dtype})"
