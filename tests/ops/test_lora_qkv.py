@@ -1,0 +1,71 @@
+"""lora_qkv_linear (fused projections sharing x) against separate eager projections."""
+
+import pytest
+import torch
+
+from mrgfast.ops import lora_qkv_linear, reference_lora_qkv_linear
+from tests.ops.lora_cases import BACKENDS, assert_close, keep_mask_of, use_backend
+
+
+def make_projections(n_in, outs, ranks, dtype, bias=True, seed=0):
+    """Per-projection weights/biases/adapters (all requiring grad) and the input x."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g).to(dtype)  # noqa: E731
+    weights = [rand(out, n_in) for out in outs]
+    biases = [rand(out) if bias else None for out in outs]
+    lora_as = [(rand(r, n_in) * 0.3).requires_grad_() for r in ranks]
+    lora_bs = [(rand(out, r) * 0.3).requires_grad_() for out, r in zip(outs, ranks)]
+    x = rand(3, 11, n_in).requires_grad_()
+    return x, weights, biases, lora_as, lora_bs
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1], ids=["nodrop", "drop"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_matches_separate_projections(monkeypatch, backend, dtype, dropout_p, bias):
+    use_backend(monkeypatch, backend)
+    # GQA-shaped: q wider than k and v, and a different rank per projection.
+    outs, ranks, scalings = (40, 20, 20), (8, 4, 1), (2.0, 0.5, 1.0)
+    x, weights, biases, lora_as, lora_bs = make_projections(36, outs, ranks, dtype, bias)
+    fused_weight = torch.cat(weights)
+    fused_bias = torch.cat(biases) if bias else None
+    q, k, v = lora_qkv_linear(x, fused_weight, fused_bias, lora_as, lora_bs, scalings, dropout_p,
+                              training=True, seed=5)
+    upstream = [torch.randn_like(t) for t in (q, k, v)]
+    params = [x, *lora_as, *lora_bs]
+    grads = torch.autograd.grad((q, k, v), params, upstream)
+
+    keep = keep_mask_of(backend, 33, 36, dropout_p, 5)
+    as32 = [p.detach().float().requires_grad_() for p in params]
+    x32, a32, b32 = as32[0], as32[1:4], as32[4:]
+    refs = reference_lora_qkv_linear(x32.reshape(-1, 36), [w.float() for w in weights],
+                                     [b.float() if b is not None else None for b in biases], a32, b32, scalings,
+                                     keep, dropout_p)
+    grads_ref = torch.autograd.grad(refs, as32, [u.float().reshape(-1, u.shape[-1]) for u in upstream])
+    for name, got, want in zip("qkv", (q, k, v), refs):
+        assert_close(got.reshape(-1, got.shape[-1]), want, dtype, name)
+    for index, (got, want) in enumerate(zip(grads, grads_ref)):
+        assert_close(got.reshape(want.shape), want, dtype, f"grad {index}")
+
+
+def test_outputs_are_views_of_one_buffer():
+    x, weights, biases, lora_as, lora_bs = make_projections(16, (8, 4, 4), (2, 2, 2), torch.float32)
+    q, k, v = lora_qkv_linear(x, torch.cat(weights), torch.cat(biases), lora_as, lora_bs, (1.0, 1.0, 1.0))
+    assert q.shape == (3, 11, 8) and k.shape == (3, 11, 4) and v.shape == (3, 11, 4)
+    assert q.untyped_storage().data_ptr() == v.untyped_storage().data_ptr()
+    q.view(3, 11, 2, 4)  # heads split from a column slice without a copy
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(scalings=(1.0, 1.0)), "one entry per projection"),
+    (dict(weight=torch.randn(15, 16)), r"weight must be \[sum of projection outs = 16, in\]"),
+    (dict(lora_bs=[torch.randn(8, 2), torch.randn(4, 3), torch.randn(4, 2)]), "projection 1"),
+])
+def test_bad_input_names_the_problem(bad, match):
+    args = dict(x=torch.randn(5, 16), weight=torch.randn(16, 16), bias=None,
+                lora_as=[torch.randn(2, 16)] * 3, lora_bs=[torch.randn(8, 2), torch.randn(4, 2), torch.randn(4, 2)],
+                scalings=(1.0, 1.0, 1.0))
+    args.update(bad)
+    with pytest.raises(ValueError, match=match):
+        lora_qkv_linear(**args)
