@@ -7,6 +7,7 @@ JIT function) that no spec covers, or on a tensor-core path that went missing fr
 
 import argparse
 import importlib
+import inspect
 import os
 import pkgutil
 import sys
@@ -15,9 +16,14 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
+
+# Under TRITON_INTERPRET=1, @triton.jit yields InterpretedFunction; both are kernels to cover.
+KERNEL_TYPES = (JITFunction, InterpretedFunction)
 
 # The PTX instruction that proves tl.dot reached the tensor cores, per architecture.
 TENSOR_CORE_INSTRUCTION = {80: "mma.sync", 90: "wgmma"}
@@ -30,7 +36,7 @@ class AotSpec:
     """One compiled variant of a kernel: argument types, constexpr values and launch options."""
 
     variant: str
-    kernel: JITFunction
+    kernel: KERNEL_TYPES
     pointers: dict
     constexprs: dict
     floats: tuple = ()
@@ -52,6 +58,12 @@ class AotSpec:
         return types
 
 
+def constexpr_names(kernel) -> set:
+    """Names of the kernel's tl.constexpr parameters, read from its Python signature."""
+    parameters = inspect.signature(kernel.fn).parameters.values()
+    return {p.name for p in parameters if p.annotation is tl.constexpr or "constexpr" in str(p.annotation)}
+
+
 def kernel_modules():
     """Every module of mrgfast.ops.triton (each may define aot_specs())."""
     package = importlib.import_module("mrgfast.ops.triton")
@@ -64,10 +76,10 @@ def collect_specs():
     specs, kernels = [], {}
     for module in kernel_modules():
         for name, value in vars(module).items():
-            if isinstance(value, JITFunction) and name.endswith("_kernel") and value.__module__ == module.__name__:
+            if isinstance(value, KERNEL_TYPES) and name.endswith("_kernel") and value.fn.__module__ == module.__name__:
                 kernels[name] = value
         specs.extend(getattr(module, "aot_specs", lambda: [])())
-    covered = {spec.kernel.__name__ for spec in specs}
+    covered = {spec.kernel.fn.__name__ for spec in specs}
     return specs, sorted(set(kernels) - covered)
 
 
@@ -114,7 +126,7 @@ def main(argv=None) -> int:
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         for (index, arch), (shared, problems, seconds) in zip(jobs, pool.map(check_one, jobs)):
             spec = specs[index]
-            name = spec.kernel.__name__
+            name = spec.kernel.fn.__name__
             print(f"{name:<24} {spec.variant:<24} sm_{arch} {shared if shared is not None else '-':>7} "
                   f"{seconds:>5.1f}  {'; '.join(problems) or 'ok'}")
             failures += [f"{name} {spec.variant} sm_{arch}: {problem}" for problem in problems]
