@@ -88,11 +88,12 @@ def test_init_is_peft_default():
     assert a.shape == (r, in_features) and layer.lora_B.weight.shape == (20, r)
 
 
-def test_fresh_layer_equals_base_exactly():
+def test_fresh_layer_equals_base():
     layer = make_layer(randomize_b=False)
     x = torch.randn(5, 24)
     with torch.no_grad():
-        assert torch.equal(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
+        # Equal up to kernel rounding: a fused backend computes the base product its own way.
+        torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("use_rslora, expected", [(False, 16 / 4), (True, 16 / 2)])
@@ -216,8 +217,10 @@ def test_non_linear_base_is_rejected(base):
         LoRALinear(base, r=2)
 
 
-@pytest.mark.parametrize("kwargs, field", [({"lora_dropout": 1.0}, "lora_dropout"), ({"lora_dropout": -0.1}, "lora_dropout"),
-                                           ({"lora_alpha": 0}, "lora_alpha"), ({"lora_alpha": float("nan")}, "lora_alpha")])
+@pytest.mark.parametrize("kwargs, field", [
+    ({"lora_dropout": 1.0}, "lora_dropout"), ({"lora_dropout": -0.1}, "lora_dropout"),
+    ({"lora_alpha": 0}, "lora_alpha"), ({"lora_alpha": float("nan")}, "lora_alpha"),
+])
 def test_bad_hyperparameters_are_rejected(kwargs, field):
     with pytest.raises(ValueError, match=field):
         LoRALinear(nn.Linear(8, 8), r=2, **kwargs)

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import os
 import re
 import warnings
 
@@ -48,6 +49,11 @@ def test_files_keys_and_metadata_are_peft_format(toy_model, tmp_path):
     assert config["peft_type"] == "LORA" and config["r"] == 2 and config["lora_alpha"] == 4
     assert config["base_model_name_or_path"] == "toy/base" and config["modules_to_save"] == ["lm_head"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    umask = os.umask(0)
+    os.umask(umask)
+    # The config gets the usual mode, as PEFT writes it, not a private temp-file mode (safetensors itself
+    # creates its files 0600, for PEFT too).
+    assert (tmp_path / "adapter_config.json").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 @pytest.mark.parametrize("bias", ["none", "lora_only", "all"])

@@ -1,0 +1,5 @@
+"""Drop-in nn.Modules built on mrgfast ops."""
+
+from mrgfast.layers.lora_linear import LoRALinear
+
+__all__ = ["LoRALinear"]
