@@ -1,10 +1,16 @@
 """Shared fixtures: a small decoder-shaped torch model and tiny HF Llama / Qwen2 models built offline."""
 
 import copy
+import os
 
 import pytest
 import torch
 from torch import nn
+
+# Without a GPU the Triton kernels can only run in the interpreter, which is chosen when a kernel is
+# defined: set it before any test imports mrgfast's kernels, so `pytest` alone also tests them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 VOCAB = 40
 HIDDEN = 16

@@ -1,5 +1,6 @@
 """Drop-in nn.Modules built on mrgfast ops."""
 
 from mrgfast.layers.lora_linear import LoRALinear
+from mrgfast.layers.lora_qkv import LoRAQKV
 
-__all__ = ["LoRALinear"]
+__all__ = ["LoRALinear", "LoRAQKV"]

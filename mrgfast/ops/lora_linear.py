@@ -47,6 +47,10 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tenso
                 scaling: float, dropout_p: float = 0.0, training: bool = False,
                 seed: Optional[int] = None) -> Tensor:
     """LoRA linear on any leading dims of x: A is [r, in], B is [out, r]; dropout only when training."""
+    if torch.is_autocast_enabled(x.device.type):
+        # As F.linear does under autocast: compute in the autocast dtype, whatever the stored dtypes.
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
     check_lora_args(x, weight, bias, lora_a, lora_b, dropout_p)
     p = float(dropout_p) if training else 0.0
     if p > 0.0 and seed is None:

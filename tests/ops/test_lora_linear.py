@@ -146,3 +146,16 @@ def test_bad_input_names_the_problem(bad, match):
     args.update(bad)
     with pytest.raises(ValueError, match=match):
         lora_linear(**args, training=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_computes_in_the_autocast_dtype(monkeypatch, backend):
+    use_backend(monkeypatch, backend)
+    x, weight, b, lora_a, lora_b, grad_y = make_inputs((13,), 24, 20, 4, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lora_linear(x, weight, b, lora_a, lora_b, 1.5)
+    assert y.dtype == torch.bfloat16
+    y.backward(grad_y.bfloat16())
+    assert x.grad.dtype == torch.float32 and lora_a.grad.dtype == torch.float32
+    rounded = [t.detach().bfloat16().float() for t in (x, weight, b, lora_a, lora_b)]
+    assert_close(y, reference_lora_linear(*rounded, 1.5), torch.bfloat16, "y")
