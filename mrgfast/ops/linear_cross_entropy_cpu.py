@@ -1,0 +1,88 @@
+"""CPU token losses: chunks of tokens whose [chunk, vocab] fp32 logits fit a memory budget."""
+
+import torch
+
+# Bytes of fp32 logits one chunk may hold; the chunk's softmax reuses that buffer in place.
+CHUNK_BUDGET_BYTES = 64 * 2**20
+# Measured (benchmarks/linear_logprobs.py): forming dL/dh from the forward's chunk of logits saves the
+# backward's recomputation of every logits GEMM when the head is frozen (the LoRA case).
+GRAD_IN_FORWARD = True
+
+
+def chunk_rows(vocab_size: int, budget_bytes: int = None) -> int:
+    """Tokens per chunk so that one fp32 [chunk, vocab] buffer fits the budget."""
+    budget = CHUNK_BUDGET_BYTES if budget_bytes is None else budget_bytes
+    return max(1, budget // (4 * max(vocab_size, 1)))
+
+
+def chunk_logits(hidden, weight32, bias32):
+    """fp32 logits of one chunk of tokens (weight and bias already fp32)."""
+    if bias32 is None:
+        return torch.mm(hidden.float(), weight32.t())
+    return torch.addmm(bias32, hidden.float(), weight32.t())
+
+
+def as_fp32(weight, bias):
+    """The head in fp32, converted once per call rather than once per chunk."""
+    return weight.float(), None if bias is None else bias.float()
+
+
+def softmax_grad_(logits, lse, safe_labels, valid, label_smoothing, token_scale=None):
+    """Turn a chunk of logits into dLoss/dlogits in place: p - (1-e) onehot - e/V, 0 on ignored tokens."""
+    grad = logits.sub_(lse[:, None]).exp_()
+    grad.scatter_add_(1, safe_labels[:, None], torch.full_like(lse[:, None], -(1.0 - label_smoothing)))
+    if label_smoothing:
+        grad.sub_(label_smoothing / logits.shape[1])
+    scale = valid.to(grad.dtype) if token_scale is None else token_scale * valid
+    return grad.mul_(scale[:, None])
+
+
+def token_loss_forward(hidden, weight, bias, labels, ignore_index, label_smoothing, grad_in_forward):
+    """Return (losses [N] fp32, lse [N] fp32, dLoss_i/dh_i [N, D] or None)."""
+    n_tokens, vocab = hidden.shape[0], weight.shape[0]
+    losses = torch.empty(n_tokens, dtype=torch.float32)
+    lse = torch.empty(n_tokens, dtype=torch.float32)
+    grad_hidden = torch.empty_like(hidden) if grad_in_forward else None
+    weight32, bias32 = as_fp32(weight, bias)
+    rows = chunk_rows(vocab)
+    for start in range(0, n_tokens, rows):
+        stop = min(start + rows, n_tokens)
+        logits = chunk_logits(hidden[start:stop], weight32, bias32)
+        valid = labels[start:stop] != ignore_index
+        safe = torch.where(valid, labels[start:stop], 0).long()
+        chunk_lse = torch.logsumexp(logits, dim=1)
+        loss = chunk_lse - (1.0 - label_smoothing) * logits.gather(1, safe[:, None]).squeeze(1)
+        if label_smoothing:
+            loss -= (label_smoothing / vocab) * logits.sum(1)
+        losses[start:stop] = torch.where(valid, loss, torch.zeros_like(loss))
+        lse[start:stop] = chunk_lse
+        if grad_in_forward:
+            grad = softmax_grad_(logits, chunk_lse, safe, valid, label_smoothing)
+            grad_hidden[start:stop] = torch.mm(grad, weight32)
+    return losses, lse, grad_hidden
+
+
+def token_loss_backward(grad_losses, hidden, weight, bias, labels, lse, ignore_index, label_smoothing, *,
+                        need_hidden, need_weight, need_bias):
+    """Gradients (hidden, weight, bias) from per-token upstream gradients, recomputing each chunk's logits."""
+    n_tokens, vocab = hidden.shape[0], weight.shape[0]
+    grad_hidden = torch.empty_like(hidden) if need_hidden else None
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32) if need_weight else None
+    grad_bias = torch.zeros(vocab, dtype=torch.float32) if need_bias else None
+    weight32, bias32 = as_fp32(weight, bias)
+    rows = chunk_rows(vocab)
+    for start in range(0, n_tokens, rows):
+        stop = min(start + rows, n_tokens)
+        logits = chunk_logits(hidden[start:stop], weight32, bias32)
+        valid = labels[start:stop] != ignore_index
+        safe = torch.where(valid, labels[start:stop], 0).long()
+        grad = softmax_grad_(logits, lse[start:stop], safe, valid, label_smoothing, grad_losses[start:stop])
+        if need_hidden:
+            grad_hidden[start:stop] = torch.mm(grad, weight32)
+        if need_weight:
+            grad_weight.addmm_(grad.t(), hidden[start:stop].float())
+        if need_bias:
+            grad_bias += grad.sum(0)
+    return (grad_hidden,
+            None if grad_weight is None else grad_weight.to(weight.dtype),
+            None if grad_bias is None else grad_bias.to(bias.dtype))
