@@ -131,11 +131,11 @@ def matmul_tn_kernel(
     M, P, Q,
     stride_lm, stride_lp, stride_rm, stride_rq, stride_cp, stride_cq,
     alpha, dropout_p, seed,
-    RIGHT_DROPOUT: tl.constexpr, SPLIT_M: tl.constexpr,
+    RIGHT_DROPOUT: tl.constexpr, SPLIT_M: tl.constexpr, ACCUMULATE: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     DOT_FP32: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """C = alpha * L^T drop(RIGHT) with L [M, P], RIGHT [M, Q]; SPLIT_M > 1 adds partial sums atomically."""
+    """C (+)= alpha * L^T drop(RIGHT) with L [M, P], RIGHT [M, Q]; SPLIT_M > 1 adds partial sums atomically."""
     pid_p, pid_q, pid_split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -163,6 +163,8 @@ def matmul_tn_kernel(
     c_ptrs = C + offs_p[:, None] * stride_cp + offs_q[None, :] * stride_cq
     c_mask = mask_p[:, None] & mask_q[None, :]
     if SPLIT_M == 1:
+        if ACCUMULATE:
+            acc += tl.load(c_ptrs, mask=c_mask, other=0.0).to(tl.float32)
         tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=c_mask)
     else:
         tl.atomic_add(c_ptrs, acc, mask=c_mask)
@@ -199,7 +201,9 @@ def _tuned_matmul_tn():
     """matmul_tn_kernel under the autotuner; split-M partial sums need C zeroed before every trial."""
     configs = [triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=s)
                for m, w, s in [(32, 4, 4), (64, 4, 4), (64, 8, 3), (128, 8, 3)]]
-    return triton.autotune(configs, key=["M", "P", "Q", "SPLIT_M"], reset_to_zero=["C"])(matmul_tn_kernel)
+    # Autotuning reruns the kernel: partial sums (split or accumulate) must start again from C's contents.
+    return triton.autotune(configs, key=["M", "P", "Q", "SPLIT_M", "ACCUMULATE"],
+                           restore_value=["C"])(matmul_tn_kernel)
 
 
 def _check_rank(rank: int) -> int:
@@ -261,31 +265,38 @@ def _grad_input(grad_y, weight, lora_a, lora_b, scaling, dropout_p, seed, comput
     return dx, dyb
 
 
-def matmul_tn(left, right, alpha=1.0, out_dtype=None, dropout_p=0.0, seed=None):
-    """alpha * left^T @ drop(right) for left [M, P], right [M, Q]; dropout uses the forward's x mask."""
+def matmul_tn(left, right, alpha=1.0, out_dtype=None, dropout_p=0.0, seed=None, out=None):
+    """alpha * left^T @ drop(right) for left [M, P], right [M, Q]; added into fp32 `out` when given.
+
+    Dropout regenerates the forward's mask of x (right is x then).
+    """
     (M, P), Q = left.shape, right.shape[1]
+    if out is not None and (out.dtype != torch.float32 or tuple(out.shape) != (P, Q) or not out.is_contiguous()):
+        raise ValueError(f"matmul_tn: out must be a contiguous fp32 [{P}, {Q}] tensor, got "
+                         f"{out.dtype} {tuple(out.shape)}")
     out_dtype = out_dtype or right.dtype
     settings = launch_settings(right)
     block_p, block_q = (min(128, padded_rank(P)), min(128, padded_rank(Q)))
     tiles = triton.cdiv(P, block_p) * triton.cdiv(Q, block_q)
     split = 1 if settings.interpret else split_for_parallelism(M, tiles, right.device)
     if P == 0 or Q == 0:
-        return torch.zeros((P, Q), dtype=out_dtype, device=right.device)
-    # Split reductions add fp32 partial sums atomically, then cast once.
-    c = torch.zeros((P, Q), dtype=torch.float32, device=right.device) if split > 1 else \
-        torch.empty((P, Q), dtype=out_dtype, device=right.device)
+        return out if out is not None else torch.zeros((P, Q), dtype=out_dtype, device=right.device)
+    if out is not None:
+        c = out
+    elif split > 1:  # split reductions add fp32 partial sums atomically, then cast once
+        c = torch.zeros((P, Q), dtype=torch.float32, device=right.device)
+    else:
+        c = torch.empty((P, Q), dtype=out_dtype, device=right.device)
     args = (left, right, c, M, P, Q, left.stride(0), left.stride(1), right.stride(0), right.stride(1),
             c.stride(0), c.stride(1), float(alpha), float(dropout_p), int(seed or 0))
-    flags = dict(RIGHT_DROPOUT=dropout_p > 0.0, SPLIT_M=split, BLOCK_P=block_p, BLOCK_Q=block_q, **settings.flags)
-    if settings.interpret:
-        if M == 0:  # the interpreter path still has to write zeros
-            c.zero_()
-        else:
-            matmul_tn_kernel[(triton.cdiv(P, block_p), triton.cdiv(Q, block_q), 1)](*args, **flags, BLOCK_M=16)
+    flags = dict(RIGHT_DROPOUT=dropout_p > 0.0, SPLIT_M=split, ACCUMULATE=out is not None,
+                 BLOCK_P=block_p, BLOCK_Q=block_q, **settings.flags)
+    if settings.interpret:  # with M == 0 the kernel still writes C: zeros, or out unchanged
+        matmul_tn_kernel[(triton.cdiv(P, block_p), triton.cdiv(Q, block_q), 1)](*args, **flags, BLOCK_M=16)
     else:
         grid = (triton.cdiv(P, block_p), triton.cdiv(Q, block_q), split)
         _tuned_matmul_tn()[grid](*args, **flags)
-    return c.to(out_dtype)
+    return out if out is not None else c.to(out_dtype)
 
 
 def lora_backward(grad_y, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, *,
@@ -339,13 +350,13 @@ def aot_specs():
         tn = dict(DOT_FP32=False, PRECISION=precision, BLOCK_M=32)
         specs += [
             AotSpec(f"{dtype}-{precision} dW", matmul_tn_kernel, {"L": ptr, "RIGHT": ptr, "C": ptr},
-                    dict(tn, RIGHT_DROPOUT=False, SPLIT_M=1, BLOCK_P=block_m, BLOCK_Q=block_out), floats,
+                    dict(tn, RIGHT_DROPOUT=False, SPLIT_M=1, ACCUMULATE=True, BLOCK_P=block_m, BLOCK_Q=block_out), floats,
                     num_warps=warps, tensor_cores=cores),
             AotSpec(f"{dtype}-{precision} dA drop=1", matmul_tn_kernel, {"L": "*fp32", "RIGHT": ptr, "C": ptr},
-                    dict(tn, RIGHT_DROPOUT=True, SPLIT_M=1, BLOCK_P=16, BLOCK_Q=128), floats,
+                    dict(tn, RIGHT_DROPOUT=True, SPLIT_M=1, ACCUMULATE=False, BLOCK_P=16, BLOCK_Q=128), floats,
                     tensor_cores=narrow_cores),
             AotSpec(f"{dtype}-{precision} dB split", matmul_tn_kernel, {"L": ptr, "RIGHT": "*fp32", "C": "*fp32"},
-                    dict(tn, RIGHT_DROPOUT=False, SPLIT_M=4, BLOCK_P=128, BLOCK_Q=16), floats,
+                    dict(tn, RIGHT_DROPOUT=False, SPLIT_M=4, ACCUMULATE=False, BLOCK_P=128, BLOCK_Q=16), floats,
                     tensor_cores=narrow_cores),
         ]
     specs.append(AotSpec("bf16 dY B only", lora_grad_input_kernel,
