@@ -7,7 +7,7 @@ from mrgfast.backend import triton_interpreting
 from mrgfast.ops.dropout import torch_keep_mask
 
 # Relative-to-max error allowed against the fp32 reference, by input dtype (one table for every op).
-TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+TOLERANCE = {torch.float32: 5e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 BACKENDS = ["reference", "cpu", pytest.param("triton", marks=pytest.mark.triton)]
 
@@ -29,9 +29,10 @@ def keep_mask_of(backend: str, rows: int, cols: int, p: float, seed: int, device
     return torch_keep_mask(rows, cols, p, seed, torch.device(device))
 
 
-def assert_close(actual, expected, dtype, what: str) -> None:
+def assert_close(actual, expected, dtype, what: str, tolerance: dict = None) -> None:
     """Max abs error relative to the reference's max magnitude, within the dtype's tolerance."""
+    tolerance = tolerance or TOLERANCE
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     scale = expected.float().abs().max().clamp_min(1e-6)
     error = ((actual.float() - expected.float()).abs().max() / scale).item() if expected.numel() else 0.0
-    assert error <= TOLERANCE[dtype], f"{what}: relative error {error:.3g} > {TOLERANCE[dtype]} ({dtype})"
+    assert error <= tolerance[dtype], f"{what}: relative error {error:.3g} > {tolerance[dtype]} ({dtype})"

@@ -122,7 +122,9 @@ def _tuned_grad():
     return triton.autotune(configs, key=["N", "V", "D"])(logits_grad_kernel)
 
 
-INTERPRETER_BLOCKS = dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=16)
+def interpreter_blocks(vocab_size: int) -> dict:
+    """Fixed tiles for the interpreter: small ones exercise masking; wide ones keep big vocabularies quick."""
+    return dict(BLOCK_N=16, BLOCK_V=32 if vocab_size < 8192 else 1024, BLOCK_D=16)
 
 
 def token_loss_forward(hidden, weight, bias, labels, ignore_index, label_smoothing, grad_in_forward):
@@ -135,15 +137,16 @@ def token_loss_forward(hidden, weight, bias, labels, ignore_index, label_smoothi
     # Few token tiles cannot fill the GPU: split the vocabulary too, merging the partial logsumexps after.
     split = 1 if settings.interpret else split_for_parallelism(vocab, triton.cdiv(n_tokens, 64), device, 4096)
     if settings.interpret:
-        split = 2 if vocab > 2 * INTERPRETER_BLOCKS["BLOCK_V"] else 1  # exercise the merge in tests too
+        blocks = interpreter_blocks(vocab)
+        split = 2 if vocab > 2 * blocks["BLOCK_V"] else 1  # exercise the merge in tests too
     parts = torch.empty((4, split, n_tokens), dtype=torch.float32, device=device)
     if n_tokens:
         args = (hidden, weight, bias if bias is not None else hidden, labels, parts[0], parts[1], parts[2], parts[3],
                 n_tokens, vocab, dim, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1))
         flags = dict(HAS_BIAS=bias is not None, SMOOTHING=label_smoothing > 0.0, SPLIT_V=split, **settings.flags)
         if settings.interpret:
-            grid = (triton.cdiv(n_tokens, INTERPRETER_BLOCKS["BLOCK_N"]), split)
-            lse_forward_kernel[grid](*args, **flags, **INTERPRETER_BLOCKS)
+            grid = (triton.cdiv(n_tokens, blocks["BLOCK_N"]), split)
+            lse_forward_kernel[grid](*args, **flags, **blocks)
         else:
             grid = lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_N"]), split)  # noqa: E731
             _tuned_forward()[grid](*args, **flags)
@@ -180,9 +183,9 @@ def token_loss_backward(grad_losses, hidden, weight, bias, labels, lse, ignore_i
                 grad_losses[start:stop], g, stop - start, vocab, dim, chunk.stride(0), chunk.stride(1),
                 weight.stride(0), weight.stride(1), g.stride(0), g.stride(1), float(label_smoothing), int(ignore_index))
         if settings.interpret:
-            grid = (triton.cdiv(stop - start, INTERPRETER_BLOCKS["BLOCK_N"]),
-                    triton.cdiv(vocab, INTERPRETER_BLOCKS["BLOCK_V"]))
-            logits_grad_kernel[grid](*args, **flags, **INTERPRETER_BLOCKS)
+            blocks = interpreter_blocks(vocab)
+            grid = (triton.cdiv(stop - start, blocks["BLOCK_N"]), triton.cdiv(vocab, blocks["BLOCK_V"]))
+            logits_grad_kernel[grid](*args, **flags, **blocks)
         else:
             grid = lambda meta: (triton.cdiv(stop - start, meta["BLOCK_N"]), triton.cdiv(vocab, meta["BLOCK_V"]))  # noqa: E731,B023
             _tuned_grad()[grid](*args, **flags)
