@@ -1,5 +1,6 @@
 """Backend selection: which implementation an op runs for a given tensor (MRGFAST_BACKEND)."""
 
+import importlib
 import importlib.util
 import os
 
@@ -58,3 +59,15 @@ def select_backend(op: str, tensor: torch.Tensor, implemented: tuple[str, ...]) 
     if forced == "cpu" and on_cuda:
         raise RuntimeError(f"{op}: {ENV_VAR}=cpu needs CPU tensors, got a tensor on {tensor.device}")
     return forced
+
+
+def kernel_module(op: str, backend: str):
+    """The module with `op`'s kernels for `backend`: mrgfast.ops.triton.<op> or mrgfast.ops.<op>_cpu.
+
+    Imported on first use, so triton stays optional for CPU-only installs.
+    """
+    if backend == "triton":
+        return importlib.import_module(f"mrgfast.ops.triton.{op}")
+    if backend == "cpu":
+        return importlib.import_module(f"mrgfast.ops.{op}_cpu")
+    raise ValueError(f"{op}: no kernel module for backend {backend!r}")

@@ -45,3 +45,12 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
         select_backend("op", CPU, ("triton",))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert select_backend("op", CPU, ("triton",)) == "triton"
+
+
+def test_kernel_modules_follow_the_naming_convention():
+    from mrgfast.backend import kernel_module
+
+    assert kernel_module("lora_linear", "cpu").__name__ == "mrgfast.ops.lora_linear_cpu"
+    assert kernel_module("linear_cross_entropy", "triton").__name__ == "mrgfast.ops.triton.linear_cross_entropy"
+    with pytest.raises(ValueError, match="no kernel module for backend 'reference'"):
+        kernel_module("lora_linear", "reference")

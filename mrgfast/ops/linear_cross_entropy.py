@@ -5,7 +5,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from mrgfast.backend import select_backend
+from mrgfast.backend import kernel_module, select_backend
 
 IMPLEMENTED = ("cpu", "triton")
 REDUCTIONS = ("mean", "sum", "none")
@@ -55,21 +55,12 @@ def check_labels(labels: Tensor, vocab_size: int, ignore_index: int = -100) -> N
                          f"(largest id {largest}, smallest {smallest}; ignore_index={ignore_index})")
 
 
-def kernels_for(backend: str):
-    """The module holding the token-loss kernels of `backend` (triton imported lazily: it is optional)."""
-    if backend == "triton":
-        from mrgfast.ops.triton import linear_cross_entropy as triton_kernels
-        return triton_kernels
-    from mrgfast.ops import linear_cross_entropy_cpu
-    return linear_cross_entropy_cpu
-
-
 class LinearTokenLossFunction(torch.autograd.Function):
     """Per-token loss lse - (1-e) z_y - e/V sum z from hidden states, one chunk of logits at a time."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index, label_smoothing, backend):
-        kernels = kernels_for(backend)
+        kernels = kernel_module("linear_cross_entropy", backend)
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         # With a frozen head the gradient of each token's loss w.r.t. its hidden state can be formed in the
         # forward pass from the same chunk of logits (no recomputation); backward only scales it.
@@ -92,7 +83,7 @@ class LinearTokenLossFunction(torch.autograd.Function):
             return (grad_hidden * grad_losses.to(grad_hidden.dtype)[:, None], None, None, None, None, None, None)
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grads = kernels_for(backend).token_loss_backward(
+        grads = kernel_module("linear_cross_entropy", backend).token_loss_backward(
             grad_losses.float().contiguous(), hidden, weight, bias, labels, lse, ignore_index, label_smoothing,
             need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias)
         return (*grads, None, None, None, None)

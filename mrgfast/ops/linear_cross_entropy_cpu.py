@@ -27,6 +27,16 @@ def as_fp32(weight, bias):
     return weight.float(), None if bias is None else bias.float()
 
 
+def logit_chunks(hidden, weight32, bias32, labels, ignore_index):
+    """(start, stop, fp32 logits, counted-token mask, labels with ignored ones set to 0) per chunk of tokens."""
+    rows = chunk_rows(weight32.shape[0])
+    for start in range(0, hidden.shape[0], rows):
+        stop = min(start + rows, hidden.shape[0])
+        valid = labels[start:stop] != ignore_index
+        safe = torch.where(valid, labels[start:stop], 0).long()
+        yield start, stop, chunk_logits(hidden[start:stop], weight32, bias32), valid, safe
+
+
 def softmax_grad_(logits, lse, safe_labels, valid, label_smoothing, token_scale=None):
     """Turn a chunk of logits into dLoss/dlogits in place: p - (1-e) onehot - e/V, 0 on ignored tokens."""
     grad = logits.sub_(lse[:, None]).exp_()
@@ -44,12 +54,7 @@ def token_loss_forward(hidden, weight, bias, labels, ignore_index, label_smoothi
     lse = torch.empty(n_tokens, dtype=torch.float32)
     grad_hidden = torch.empty_like(hidden) if grad_in_forward else None
     weight32, bias32 = as_fp32(weight, bias)
-    rows = chunk_rows(vocab)
-    for start in range(0, n_tokens, rows):
-        stop = min(start + rows, n_tokens)
-        logits = chunk_logits(hidden[start:stop], weight32, bias32)
-        valid = labels[start:stop] != ignore_index
-        safe = torch.where(valid, labels[start:stop], 0).long()
+    for start, stop, logits, valid, safe in logit_chunks(hidden, weight32, bias32, labels, ignore_index):
         chunk_lse = torch.logsumexp(logits, dim=1)
         loss = chunk_lse - (1.0 - label_smoothing) * logits.gather(1, safe[:, None]).squeeze(1)
         if label_smoothing:
@@ -65,17 +70,12 @@ def token_loss_forward(hidden, weight, bias, labels, ignore_index, label_smoothi
 def token_loss_backward(grad_losses, hidden, weight, bias, labels, lse, ignore_index, label_smoothing, *,
                         need_hidden, need_weight, need_bias):
     """Gradients (hidden, weight, bias) from per-token upstream gradients, recomputing each chunk's logits."""
-    n_tokens, vocab = hidden.shape[0], weight.shape[0]
+    vocab = weight.shape[0]
     grad_hidden = torch.empty_like(hidden) if need_hidden else None
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32) if need_weight else None
     grad_bias = torch.zeros(vocab, dtype=torch.float32) if need_bias else None
     weight32, bias32 = as_fp32(weight, bias)
-    rows = chunk_rows(vocab)
-    for start in range(0, n_tokens, rows):
-        stop = min(start + rows, n_tokens)
-        logits = chunk_logits(hidden[start:stop], weight32, bias32)
-        valid = labels[start:stop] != ignore_index
-        safe = torch.where(valid, labels[start:stop], 0).long()
+    for start, stop, logits, valid, safe in logit_chunks(hidden, weight32, bias32, labels, ignore_index):
         grad = softmax_grad_(logits, lse[start:stop], safe, valid, label_smoothing, grad_losses[start:stop])
         if need_hidden:
             grad_hidden[start:stop] = torch.mm(grad, weight32)

@@ -5,7 +5,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from mrgfast.backend import select_backend
+from mrgfast.backend import kernel_module, select_backend
 from mrgfast.ops.dropout import new_seed, torch_keep_mask
 
 IMPLEMENTED = ("cpu", "triton")
@@ -69,21 +69,12 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tenso
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def kernels_for(backend: str):
-    """The module holding forward/backward kernels of `backend` (imported lazily: triton is optional)."""
-    if backend == "triton":
-        from mrgfast.ops.triton import lora_linear as triton_kernels
-        return triton_kernels
-    from mrgfast.ops import lora_linear_cpu
-    return lora_linear_cpu
-
-
 class LoRALinearFunction(torch.autograd.Function):
     """Autograd for 2-D LoRA linear; saves x and the r-wide x A^T, never the dropout mask."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, backend):
-        kernels = kernels_for(backend)
+        kernels = kernel_module("lora_linear", backend)
         y, xa = kernels.lora_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
         ctx.save_for_backward(x, weight, lora_a, lora_b, xa)
         ctx.config = (scaling, dropout_p, seed, backend, bias is not None)
@@ -94,7 +85,7 @@ class LoRALinearFunction(torch.autograd.Function):
         x, weight, lora_a, lora_b, xa = ctx.saved_tensors
         scaling, dropout_p, seed, backend, has_bias = ctx.config
         needs = ctx.needs_input_grad
-        grads = kernels_for(backend).lora_backward(
+        grads = kernel_module("lora_linear", backend).lora_backward(
             grad_y.contiguous(), x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed,
             need_x=needs[0], need_weight=needs[1], need_bias=has_bias and needs[2],
             need_a=needs[3], need_b=needs[4])
