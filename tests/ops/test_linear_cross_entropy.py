@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import mrgfast.ops.linear_cross_entropy_cpu as cpu_kernels
+from mrgfast.backend import kernel_module
 from mrgfast.ops.linear_cross_entropy import (
     check_labels, linear_cross_entropy, linear_logprobs, reference_logprobs,
 )
@@ -155,17 +156,20 @@ def test_many_chunks_match_one(monkeypatch, backend):
         assert_close(got, want, torch.float32, "grad")
 
 
-def test_cpu_recompute_path_equals_grad_in_forward(monkeypatch):
-    use_backend(monkeypatch, "cpu")
-    hidden, weight, b, labels = make_head(33, 16, 999, torch.float32)
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_recompute_in_backward_equals_grad_in_forward(monkeypatch, backend, dtype):
+    use_backend(monkeypatch, backend)
+    kernels = kernel_module("linear_cross_entropy", backend)
+    hidden, weight, b, labels = make_head(33, 16, 999, dtype)
     upstream = torch.randn(33)
     results = []
     for grad_in_forward in (True, False):
-        monkeypatch.setattr(cpu_kernels, "GRAD_IN_FORWARD", grad_in_forward)
+        monkeypatch.setattr(kernels, "GRAD_IN_FORWARD", grad_in_forward)
         out = linear_cross_entropy(hidden, weight, labels, b, reduction="none", label_smoothing=0.1)
         results.append((out, grads_of(out, upstream, (hidden,))[0]))
-    assert_close(results[0][0], results[1][0], torch.float32, "loss")
-    assert_close(results[0][1], results[1][1], torch.float32, "dh")
+    assert_close(results[0][0], results[1][0], dtype, "loss")
+    assert_close(results[0][1], results[1][1], dtype, "dh")
 
 
 def test_out_of_range_labels_name_the_largest_id():

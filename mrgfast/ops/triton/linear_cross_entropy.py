@@ -9,10 +9,13 @@ import triton.language as tl
 from mrgfast.ops.triton.common import launch_settings, split_for_parallelism
 from mrgfast.ops.triton.lora_linear import matmul_tn
 
-# Forward: the logits GEMM is fused with the online logsumexp, so forming dL/dh there would need a
-# second pass over the vocabulary anyway; backward recomputes one chunk of logits instead.
-GRAD_IN_FORWARD = False
-# Bytes of dL/dlogits (in the hidden dtype) one backward chunk of tokens may hold.
+# With a frozen head, the forward can form dL/dh (as Liger does): per chunk of tokens, the logits from
+# one cuBLAS GEMM, a row kernel turning them into dL/dlogits in place, a second GEMM: 2 GEMMs instead of
+# the 3 of recomputing (fused online-logsumexp forward + recomputed logits in backward + dL/dh GEMM),
+# for two extra passes over a [chunk, vocab] buffer. Chosen by the CPU measurement and that count
+# (benchmarks/linear_logprobs.py times both modes; it has not yet run on a GPU).
+GRAD_IN_FORWARD = True
+# Bytes of logits / dL/dlogits (in the hidden dtype) one chunk of tokens may hold.
 CHUNK_BUDGET_BYTES = 256 * 2**20
 
 
@@ -104,6 +107,42 @@ def logits_grad_kernel(
              mask=mask_n[:, None] & mask_v[None, :])
 
 
+@triton.jit
+def row_loss_grad_kernel(
+    LOGITS, LABELS, LOSS, LSE, V, stride_row, smoothing, ignore_index, BLOCK_V: tl.constexpr,
+):
+    """One token's row of logits in memory: its loss and logsumexp, then dL/dlogits written over the row."""
+    row = tl.program_id(0)
+    label = tl.load(LABELS + row).to(tl.int64)
+    logits = LOGITS + row.to(tl.int64) * stride_row
+    run_max = float("-inf")
+    run_sum = 0.0
+    target = 0.0
+    sum_z = 0.0
+    for v0 in range(0, V, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        mask_v = offs_v < V
+        z = tl.load(logits + offs_v, mask=mask_v, other=float("-inf")).to(tl.float32)
+        new_max = tl.maximum(run_max, tl.max(z, axis=0))
+        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
+        run_max = new_max
+        target += tl.sum(tl.where(offs_v == label, z, 0.0), axis=0)
+        sum_z += tl.sum(tl.where(mask_v, z, 0.0), axis=0)
+    lse = run_max + tl.log(run_sum)
+    valid = label != ignore_index
+    loss = lse - (1.0 - smoothing) * target - (smoothing / V) * sum_z
+    tl.store(LOSS + row, tl.where(valid, loss, 0.0))
+    tl.store(LSE + row, lse)
+    for v0 in range(0, V, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        mask_v = offs_v < V
+        z = tl.load(logits + offs_v, mask=mask_v, other=0.0).to(tl.float32)
+        grad = tl.exp(z - lse) - smoothing / V
+        grad = tl.where(offs_v == label, grad - (1.0 - smoothing), grad)
+        grad = tl.where(valid, grad, 0.0)
+        tl.store(logits + offs_v, grad.to(LOGITS.dtype.element_ty), mask=mask_v)
+
+
 @functools.cache
 def _tuned_forward():
     """lse_forward_kernel under the autotuner (built lazily: the interpreter has no autotuner)."""
@@ -128,9 +167,37 @@ def interpreter_blocks(vocab_size: int) -> dict:
 
 
 def token_loss_forward(hidden, weight, bias, labels, ignore_index, label_smoothing, grad_in_forward):
-    """Return (losses [N] fp32, lse [N] fp32, None); the logits exist only as on-chip tiles."""
+    """Return (losses [N] fp32, lse [N] fp32, dLoss_i/dh_i [N, D] or None)."""
     if grad_in_forward:
-        raise ValueError("the Triton token loss recomputes gradients in backward (GRAD_IN_FORWARD is False)")
+        return loss_and_grad_forward(hidden, weight, bias, labels, ignore_index, label_smoothing)
+    return online_loss_forward(hidden, weight, bias, labels, ignore_index, label_smoothing)
+
+
+def loss_and_grad_forward(hidden, weight, bias, labels, ignore_index, label_smoothing):
+    """Per chunk of tokens: logits by GEMM, loss and dL/dlogits by the row kernel (in place), dL/dh by GEMM."""
+    (n_tokens, dim), vocab = hidden.shape, weight.shape[0]
+    settings = launch_settings(hidden)
+    losses = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)
+    lse = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)
+    grad_hidden = torch.empty_like(hidden)
+    rows = chunk_rows(vocab, hidden.element_size())
+    # One program per row walks the vocabulary; in the interpreter a small vocabulary gets narrower tiles
+    # so that masking of a partial last tile is still exercised.
+    widest = 256 if settings.interpret and vocab < 8192 else 4096
+    block_v = min(widest, triton.next_power_of_2(vocab))
+    for start in range(0, n_tokens, rows):  # n_tokens is a static shape: no host synchronisation
+        stop = min(start + rows, n_tokens)
+        chunk = hidden[start:stop]
+        logits = torch.mm(chunk, weight.t()) if bias is None else torch.addmm(bias, chunk, weight.t())
+        row_loss_grad_kernel[(stop - start,)](logits, labels[start:stop], losses[start:stop], lse[start:stop], vocab,
+                                              logits.stride(0), float(label_smoothing), int(ignore_index),
+                                              BLOCK_V=block_v)
+        grad_hidden[start:stop] = torch.mm(logits, weight)
+    return losses, lse, grad_hidden
+
+
+def online_loss_forward(hidden, weight, bias, labels, ignore_index, label_smoothing):
+    """Return (losses, lse, None) with the logits only ever as on-chip tiles (no gradient formed)."""
     (n_tokens, dim), vocab = hidden.shape, weight.shape[0]
     settings = launch_settings(hidden)
     device = hidden.device
@@ -216,6 +283,9 @@ def aot_specs():
             specs.append(AotSpec(f"{dtype}-{precision} smooth={int(smoothing)}", lse_forward_kernel,
                                  {"H": ptr, "W": ptr, "BIAS": ptr, "LABELS": "*i64", **parts},
                                  dict(common, SMOOTHING=smoothing, SPLIT_V=4), num_warps=warps))
+        specs.append(AotSpec(f"{dtype}", row_loss_grad_kernel, {"LOGITS": ptr, "LABELS": "*i64", "LOSS": "*fp32",
+                                                               "LSE": "*fp32"},
+                             dict(BLOCK_V=4096), floats=("smoothing",), num_warps=8, tensor_cores=()))
         specs.append(AotSpec(f"{dtype}-{precision}", logits_grad_kernel,
                              {"H": ptr, "W": ptr, "BIAS": ptr, "LABELS": "*i64", "LSE": "*fp32", "SCALE": "*fp32",
                               "G": ptr}, common, floats=("smoothing",), num_warps=warps))
