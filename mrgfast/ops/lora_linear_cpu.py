@@ -1,6 +1,7 @@
-"""CPU LoRA linear: LoRA terms go in place into the base GEMM outputs; dropout works one row block at a time."""
+"""CPU LoRA linear: the base GEMMs accumulate onto the r-wide LoRA terms; dropout works one row block at a time."""
 
 import functools
+import threading
 from typing import Iterator, Optional
 
 import numpy as np
@@ -9,10 +10,21 @@ from torch import Tensor
 
 from mrgfast.ops.dropout import torch_keep_mask
 
-# Rows per dropout block hold about this many elements (4 MiB fp32): the block's mask and masked copy stay
-# in cache, and no [tokens, in] mask or masked copy of x is ever alive.
+# Rows per dropout block hold about this many elements (a 4 MiB fp32 mask): no [tokens, in] mask or masked
+# copy of x is ever alive, and blocks are big enough that per-block op overheads stay small (measured:
+# 2^16..2^18 were slower at 512 x 1024 on 2 cores, and no faster at 2048 x 4096).
 BLOCK_ELEMENTS = 1 << 20
 DRAW_BITS = 24  # torch.rand's float32 value is the low 24 bits of one mt19937 word, divided by 2**24
+_local = threading.local()  # one numpy generator per thread: reseeding is ~50x cheaper than constructing
+
+
+def seeded_state(seed: int) -> np.random.RandomState:
+    """This thread's numpy MT19937, reseeded to `seed` (legacy seeding: the same as torch's manual_seed)."""
+    state = getattr(_local, "state", None)
+    if state is None:
+        state = _local.state = np.random.RandomState()
+    state.seed(seed)
+    return state
 
 
 @functools.cache
@@ -24,7 +36,7 @@ def numpy_matches_torch_rand() -> bool:
     """
     for seed in (0, 20240601, 2**32 - 1):
         want = torch.rand((3, 1000), generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
-        state = np.random.RandomState(seed)
+        state = seeded_state(seed)
         # Two draws in a row, as keep_blocks makes them: the stream must continue across blocks.
         draws = np.concatenate([state.randint(0, 1 << DRAW_BITS, size=(1, 1000), dtype=np.uint32),
                                 state.randint(0, 1 << DRAW_BITS, size=(2, 1000), dtype=np.uint32)])
@@ -52,24 +64,36 @@ def block_rows(cols: int) -> int:
     return max(1, BLOCK_ELEMENTS // max(cols, 1))
 
 
-def keep_blocks(rows: int, cols: int, p: float, seed: int, rows_per_block: int) -> Iterator[tuple[int, int, Tensor]]:
-    """(start, stop, keep) for consecutive row blocks of torch_keep_mask(rows, cols, p, seed).
+def keep_blocks(rows: int, cols: int, p: float, seed: int, rows_per_block: int,
+                dtype: torch.dtype) -> Iterator[tuple[int, int, Tensor]]:
+    """(start, stop, keep) for consecutive row blocks of torch_keep_mask(rows, cols, p, seed) as 1/0 in dtype.
 
-    `keep` is a bool view that the next block overwrites: use it before asking for the next one.
+    `keep` is a view of one buffer that the next block overwrites: callers may scribble on it, and must be
+    done with it before asking for the next block. A float mask, not bool: torch multiplies float by bool
+    ~5x slower than float by float. Draws come from this thread's one generator: exhaust one keep_blocks
+    before starting another in the same thread.
     """
+    buffer = torch.empty(min(rows_per_block, rows), cols, dtype=dtype)
     if not fast_draws_usable(seed):
-        keep = torch_keep_mask(rows, cols, p, seed, torch.device("cpu"))
+        mask = torch_keep_mask(rows, cols, p, seed, torch.device("cpu"))
         for start in range(0, rows, rows_per_block):
-            yield start, min(start + rows_per_block, rows), keep[start:start + rows_per_block]
+            stop = min(start + rows_per_block, rows)
+            yield start, stop, buffer[: stop - start].copy_(mask[start:stop])
         return
-    state = np.random.RandomState(seed)
+    state = seeded_state(seed)
     threshold = keep_threshold(p)
-    buffer = torch.empty(min(rows_per_block, rows), cols, dtype=torch.bool)
+    # numpy writes float32/float64 masks straight into the torch buffer; other dtypes go through bool.
+    direct = dtype in (torch.float32, torch.float64)
+    flags = None if direct else torch.empty(buffer.shape, dtype=torch.bool)
     for start in range(0, rows, rows_per_block):
         stop = min(start + rows_per_block, rows)
         keep = buffer[: stop - start]
         draws = state.randint(0, 1 << DRAW_BITS, size=(stop - start, cols), dtype=np.uint32)
-        np.greater_equal(draws, threshold, out=keep.numpy())
+        if direct:
+            np.greater_equal(draws, threshold, out=keep.numpy(), casting="unsafe")
+        else:
+            np.greater_equal(draws, threshold, out=flags[: stop - start].numpy())
+            keep.copy_(flags[: stop - start])
         yield start, stop, keep
 
 
@@ -77,37 +101,35 @@ def dropped_xa(x: Tensor, lora_a: Tensor, dropout_p: float, seed: int) -> Tensor
     """drop(x) A^T [tokens, r], built block by block; 1/(1-p) is applied to the r-wide result."""
     rows, cols = x.shape
     xa = torch.empty(rows, lora_a.shape[0], dtype=x.dtype)
-    per_block = block_rows(cols)
-    scratch = torch.empty(min(per_block, rows), cols, dtype=x.dtype)
-    for start, stop, keep in keep_blocks(rows, cols, dropout_p, seed, per_block):
-        masked = torch.mul(x[start:stop], keep, out=scratch[: stop - start])
-        torch.mm(masked, lora_a.t(), out=xa[start:stop])
+    for start, stop, keep in keep_blocks(rows, cols, dropout_p, seed, block_rows(cols), x.dtype):
+        torch.mm(keep.mul_(x[start:stop]), lora_a.t(), out=xa[start:stop])
     return xa.mul_(1.0 / (1.0 - dropout_p))
 
 
 def dropped_grads(x: Tensor, lora_a: Tensor, dyb: Tensor, grad_x: Optional[Tensor], dropout_p: float, seed: int,
                   need_a: bool) -> Optional[Tensor]:
-    """Add keep * (dyb A) into grad_x (if given); return dyb^T (keep * x) if need_a. dyb carries 1/(1-p)."""
+    """Write keep * (dyb A) into grad_x (if given); return dyb^T (keep * x) if need_a. dyb carries 1/(1-p)."""
     rows, cols = x.shape
-    grad_a = torch.zeros(lora_a.shape, dtype=x.dtype) if need_a else None
     per_block = block_rows(cols)
-    scratch = torch.empty(min(per_block, rows), cols, dtype=x.dtype)
-    for start, stop, keep in keep_blocks(rows, cols, dropout_p, seed, per_block):
-        part = scratch[: stop - start]
+    grad_a = torch.zeros(lora_a.shape, dtype=x.dtype) if need_a else None
+    for start, stop, keep in keep_blocks(rows, cols, dropout_p, seed, per_block, x.dtype):
         if grad_x is not None:
-            torch.mm(dyb[start:stop], lora_a, out=part)
-            grad_x[start:stop].addcmul_(part, keep)
+            torch.mm(dyb[start:stop], lora_a, out=grad_x[start:stop]).mul_(keep)
         if grad_a is not None:
-            torch.mul(x[start:stop], keep, out=part)
-            grad_a.addmm_(dyb[start:stop].t(), part)
+            grad_a.addmm_(dyb[start:stop].t(), keep.mul_(x[start:stop]))
     return grad_a
 
 
 def lora_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
     """Return (y, xa) with xa = drop(x) A^T kept for backward."""
     xa = torch.mm(x, lora_a.t()) if dropout_p == 0.0 else dropped_xa(x, lora_a, dropout_p, seed)
-    y = torch.addmm(bias, x, weight.t()) if bias is not None else torch.mm(x, weight.t())
-    y.addmm_(xa, lora_b.t(), alpha=scaling)
+    # The r-wide LoRA product first, then the base GEMM accumulates onto it (beta=1 is free inside the GEMM,
+    # which loads its output tiles anyway): one pass over y fewer than adding the LoRA term afterwards.
+    if bias is not None:
+        y = torch.addmm(bias, xa, lora_b.t(), alpha=scaling)
+    else:
+        y = torch.mm(xa, lora_b.t()).mul_(scaling)
+    y.addmm_(x, weight.t())
     return y, xa
 
 
@@ -119,19 +141,21 @@ def lora_backward(grad_y, x, weight, lora_a, lora_b, xa, scaling, dropout_p, see
         # scaling and 1/(1-p) go into the r-wide dyb, never into a [tokens, in] tensor.
         dyb = torch.mm(grad_y, lora_b).mul_(scaling / (1.0 - dropout_p))
     if need_x:
-        grad_x = torch.mm(grad_y, weight)
+        # The r-wide term first, then the base GEMM accumulates onto it (as in forward).
+        grad_x = torch.empty(x.shape, dtype=x.dtype) if dropout_p else torch.mm(dyb, lora_a)
     if dropout_p == 0.0:
-        if need_x:
-            grad_x.addmm_(dyb, lora_a)
         if need_a:
             grad_a = torch.mm(dyb.t(), x)
     elif need_x or need_a:
         # The dropout mask is redrawn from the seed rather than saved: [tokens, in] bytes are not kept alive.
         grad_a = dropped_grads(x, lora_a, dyb, grad_x, dropout_p, seed, need_a)
+    if need_x:
+        grad_x.addmm_(grad_y, weight)
     if need_weight:
         grad_w = torch.mm(grad_y.t(), x)
     if need_bias:
         grad_bias = grad_y.sum(0)
     if need_b:
-        grad_b = torch.mm(grad_y.t(), xa).mul_(scaling)
+        # (xa^T dy)^T, not dy^T xa: MKL streams dy row-major this way, ~1.2-2x faster; the copy is [out, r].
+        grad_b = torch.mm(xa.t(), grad_y).mul_(scaling).t().contiguous()
     return grad_x, grad_w, grad_bias, grad_a, grad_b

@@ -1,0 +1,1 @@
+"""Benchmarks of mrgfast against the eager baseline; each script writes one JSON report (see README.md)."""

@@ -1,0 +1,301 @@
+"""Benchmark harness: command line, machine description, alternating timing, peak memory, JSON report."""
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "bench-results"
+MIB = 1024.0 ** 2
+
+
+def parse_args(name: str, description: str) -> argparse.Namespace:
+    """The shared command line: `--quick` for small shapes, `--out` for the JSON path."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help="small shapes that finish in seconds on 2 CPU cores")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / f"{name}.json",
+                        help=f"where the JSON report goes (default: bench-results/{name}.json)")
+    return parser.parse_args()
+
+
+def default_device() -> torch.device:
+    """CUDA when present, else CPU: one script serves both."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def cpu_model() -> str:
+    """The CPU's model name as the kernel reports it."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def triton_version() -> Optional[str]:
+    """Triton's version if it can be imported, else None."""
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def machine_info() -> dict:
+    """What the numbers were measured on: CPU, cores, threads, torch, CUDA device, triton."""
+    cuda = torch.cuda.is_available()
+    return {
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cuda_device": torch.cuda.get_device_name() if cuda else None,
+        "cuda_version": torch.version.cuda if cuda else None,
+        "triton": triton_version(),
+        "load_average_1min_at_start": load_average(),
+    }
+
+
+def load_average() -> Optional[float]:
+    """The 1-minute load average (this run's own threads included)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def machine_busy_seconds() -> Optional[float]:
+    """CPU-seconds all cores have spent busy since boot, steal time included (/proc/stat); None off Linux."""
+    try:
+        with open("/proc/stat", encoding="utf-8") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def busy_snapshot() -> tuple[float, Optional[float], float]:
+    """(wall clock, machine busy CPU-seconds, this process's CPU-seconds) now."""
+    own = os.times()
+    return time.monotonic(), machine_busy_seconds(), own.user + own.system
+
+
+def others_cpu_share(start: tuple[float, Optional[float], float]) -> Optional[float]:
+    """Share of all cores that other processes (and the hypervisor) used since `start`: 0 is a quiet machine."""
+    wall0, busy0, own0 = start
+    wall1, busy1, own1 = busy_snapshot()
+    if busy0 is None or busy1 is None or wall1 <= wall0:
+        return None
+    return max(0.0, (busy1 - busy0) - (own1 - own0)) / ((wall1 - wall0) * (os.cpu_count() or 1))
+
+
+def start_run() -> dict:
+    """Call before measuring: the machine description and the snapshot that write_report's contention figure needs."""
+    return {"machine": machine_info(), "busy_start": busy_snapshot()}
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work so wall time covers it; nothing to wait for on CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_alternating(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int,
+                     reset: Optional[Callable[[], object]] = None) -> dict[str, dict]:
+    """Median and min wall time (ms) per fn; the fns take turns in every repeat so drift hits all alike.
+
+    `reset` (e.g. dropping gradients) runs before every call, outside the timed window.
+    """
+    reset = reset or (lambda: None)
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            reset()
+            fns[name]()
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    gc.collect()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # a collection landing inside one sample would be charged to whichever fn ran
+    try:
+        for i in range(repeats):
+            # Rotate the order so no fn always runs right after the same neighbour (caches, freed pages).
+            shift = i % len(names)
+            for name in names[shift:] + names[:shift]:
+                reset()
+                synchronize(device)
+                start = time.perf_counter()
+                fns[name]()
+                synchronize(device)
+                samples[name].append((time.perf_counter() - start) * 1e3)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return {name: {"median_ms": statistics.median(s), "min_ms": min(s), "samples_ms": s}
+            for name, s in samples.items()}
+
+
+class LiveStorageTracker(TorchDispatchMode):
+    """Peak bytes of torch storages allocated under this mode and alive at the same time (CPU peak memory).
+
+    Outputs that alias an input's storage (views, in-place and out= ops) are not new memory; storages
+    that existed before the mode was entered are never counted. Backward runs under the mode too.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.current = 0
+        self.peak = 0
+
+    def sweep(self) -> None:
+        """Forget storages that have been freed since the last op."""
+        for key, (ref, nbytes) in list(self.live.items()):
+            if ref.expired():
+                del self.live[key]
+                self.current -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
+        # Sweep before counting, so memory freed by earlier ops is not summed with this op's outputs.
+        self.sweep()
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                ref = StorageWeakRef(storage)
+                if ref.cdata in self.live or storage.data_ptr() in inputs:
+                    continue
+                self.live[ref.cdata] = (ref, storage.nbytes())
+                self.current += storage.nbytes()
+        self.peak = max(self.peak, self.current)
+        return out
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: torch.device,
+                      reset: Optional[Callable[[], object]] = None) -> int:
+    """Peak bytes that one call of fn allocates above what was allocated before it (see README.md).
+
+    `reset` runs first, outside the measurement: memory it frees (old gradients) is not credited to fn.
+    """
+    if reset is not None:
+        reset()
+    gc.collect()
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        baseline = torch.cuda.memory_allocated(device)
+        fn()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - baseline
+    with LiveStorageTracker() as tracker:
+        fn()
+    return tracker.peak
+
+
+def measure_case(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int,
+                 baseline: str, candidate: str, reset: Optional[Callable[[], object]] = None) -> dict:
+    """Time (alternating) and then memory-profile each fn; ratios compare candidate with baseline.
+
+    `reset` runs before every call of every fn, outside what is measured.
+    """
+    timings = time_alternating(fns, device, warmup, repeats, reset)
+    # Memory runs come after timing and apart from it: the CPU tracker slows every op down.
+    variants = {name: {**timings[name], "peak_bytes": peak_memory_bytes(fn, device, reset)}
+                for name, fn in fns.items()}
+    base, cand = variants[baseline], variants[candidate]
+    return {
+        "baseline": baseline,
+        "candidate": candidate,
+        "variants": variants,
+        "speed_ratio": base["median_ms"] / cand["median_ms"],
+        "memory_ratio": cand["peak_bytes"] / base["peak_bytes"] if base["peak_bytes"] else None,
+    }
+
+
+def headline(results: dict[str, dict]) -> tuple[float, Optional[float]]:
+    """The least favourable case: lowest speed_ratio and highest memory_ratio over all cases."""
+    speed = min(case["speed_ratio"] for case in results.values())
+    memories = [case["memory_ratio"] for case in results.values() if case["memory_ratio"] is not None]
+    return speed, (max(memories) if memories else None)
+
+
+def print_table(name: str, results: dict[str, dict]) -> None:
+    """A short human-readable table of every case: time, memory and the case's ratios."""
+    print(f"{name}: {'case':<22} {'variant':<10} {'median ms':>10} {'min ms':>10} {'peak MiB':>10}")
+    for case_name, case in results.items():
+        for variant, v in case["variants"].items():
+            print(f"{'':<{len(name) + 2}}{case_name:<22} {variant:<10} {v['median_ms']:>10.2f} "
+                  f"{v['min_ms']:>10.2f} {v['peak_bytes'] / MIB:>10.2f}")
+        ratios = {k: v for k, v in case.items() if k not in ("baseline", "candidate", "variants")}
+        text = ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in ratios.items())
+        print(f"{'':<{len(name) + 2}}{case_name:<22} {text}")
+
+
+def plot(name: str, results: dict[str, dict], path: Path) -> bool:
+    """Bar charts of median time and peak memory per case and variant; False when matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")  # files only: benchmarks run headless
+    import matplotlib.pyplot as plt
+
+    cases = list(results)
+    variants = list(dict.fromkeys(v for case in results.values() for v in case["variants"]))
+    width = 0.8 / len(variants)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, label, scale in ((axes[0], "median_ms", "median ms", 1.0), (axes[1], "peak_bytes", "peak MiB", MIB)):
+        for i, variant in enumerate(variants):
+            values = [results[c]["variants"].get(variant, {}).get(key, 0) / scale for c in cases]
+            ax.bar([j + i * width for j in range(len(cases))], values, width, label=variant)
+        ax.set_xticks([j + width * (len(variants) - 1) / 2 for j in range(len(cases))], cases)
+        ax.set_ylabel(label)
+    axes[0].legend()
+    fig.suptitle(name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def write_report(name: str, config: dict, results: dict[str, dict], out: Path, run: dict) -> dict:
+    """Write the JSON report (and a PNG beside it when matplotlib exists); print the table.
+
+    `run` is start_run()'s result; a bare machine_info() also works, without the others_cpu_share figure.
+    """
+    speed_ratio, memory_ratio = headline(results)
+    busy_start = run.get("busy_start")
+    machine = {**run.get("machine", run), "load_average_1min_at_end": load_average(),
+               "others_cpu_share": others_cpu_share(busy_start) if busy_start else None}
+    report = {"name": name, "machine": machine, "config": config, "results": results,
+              "speed_ratio": speed_ratio, "memory_ratio": memory_ratio}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(out)  # never leave a half-written report where an old one was
+    print_table(name, results)
+    if plot(name, results, out.with_suffix(".png")):
+        print(f"{name}: plot -> {out.with_suffix('.png')}")
+    if (machine["others_cpu_share"] or 0.0) > 0.05:
+        print(f"{name}: warning: other processes used {machine['others_cpu_share']:.0%} of the cores meanwhile; "
+              "CPU timings are unreliable")
+    memory_text = "n/a" if memory_ratio is None else f"{memory_ratio:.3f}"
+    print(f"{name}: speed_ratio={speed_ratio:.3f} memory_ratio={memory_text} (least favourable case) -> {out}")
+    return report
