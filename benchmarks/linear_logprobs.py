@@ -81,7 +81,7 @@ def main() -> None:
         finally:
             kernels.GRAD_IN_FORWARD = default
         mode = "grad_in_forward" if not default else "recompute_in_backward"
-        results[f"frozen_head_{mode}"] = other
+        results[f"frozen_head_{mode}"] = {**other, "ablation": True}
     config = dict(mode="quick" if args.quick else "full", device=device.type, dtype=str(dtype).replace("torch.", ""),
                   **{k: shapes[k] for k in ("tokens", "hidden", "vocab", "warmup", "repeats")},
                   mrgfast_backend=backend, grad_in_forward_default=kernels.GRAD_IN_FORWARD,
