@@ -3,7 +3,7 @@
 import torch
 
 # Bytes of fp32 logits one chunk may hold; the chunk's softmax reuses that buffer in place.
-CHUNK_BUDGET_BYTES = 64 * 2**20
+CHUNK_BUDGET_BYTES = 256 * 2**20
 # Measured (benchmarks/linear_logprobs.py): forming dL/dh from the forward's chunk of logits saves the
 # backward's recomputation of every logits GEMM when the head is frozen (the LoRA case).
 GRAD_IN_FORWARD = True
@@ -37,12 +37,11 @@ def logit_chunks(hidden, weight32, bias32, labels, ignore_index):
         yield start, stop, chunk_logits(hidden[start:stop], weight32, bias32), valid, safe
 
 
-def softmax_grad_(logits, lse, safe_labels, valid, label_smoothing, token_scale=None):
-    """Turn a chunk of logits into dLoss/dlogits in place: p - (1-e) onehot - e/V, 0 on ignored tokens."""
-    grad = logits.sub_(lse[:, None]).exp_()
-    grad.scatter_add_(1, safe_labels[:, None], torch.full_like(lse[:, None], -(1.0 - label_smoothing)))
+def probs_to_grad_(probs, safe_labels, valid, label_smoothing, token_scale=None):
+    """Turn a chunk of softmax probabilities into dLoss/dlogits in place: p - (1-e) onehot - e/V, 0 if ignored."""
+    grad = probs.scatter_add_(1, safe_labels[:, None], torch.full_like(probs[:, :1], -(1.0 - label_smoothing)))
     if label_smoothing:
-        grad.sub_(label_smoothing / logits.shape[1])
+        grad.sub_(label_smoothing / probs.shape[1])
     scale = valid.to(grad.dtype) if token_scale is None else token_scale * valid
     return grad.mul_(scale[:, None])
 
@@ -55,14 +54,20 @@ def token_loss_forward(hidden, weight, bias, labels, ignore_index, label_smoothi
     grad_hidden = torch.empty_like(hidden) if grad_in_forward else None
     weight32, bias32 = as_fp32(weight, bias)
     for start, stop, logits, valid, safe in logit_chunks(hidden, weight32, bias32, labels, ignore_index):
-        chunk_lse = torch.logsumexp(logits, dim=1)
-        loss = chunk_lse - (1.0 - label_smoothing) * logits.gather(1, safe[:, None]).squeeze(1)
+        target = logits.gather(1, safe[:, None]).squeeze(1)
+        sum_logits = logits.sum(1) if label_smoothing else None
+        # Softmax in place: the chunk's one [rows, vocab] buffer holds logits, then exp, then probabilities.
+        row_max = logits.amax(1)
+        exp = logits.sub_(row_max[:, None]).exp_()
+        sum_exp = exp.sum(1)
+        chunk_lse = row_max + sum_exp.log()
+        loss = chunk_lse - (1.0 - label_smoothing) * target
         if label_smoothing:
-            loss -= (label_smoothing / vocab) * logits.sum(1)
+            loss -= (label_smoothing / vocab) * sum_logits
         losses[start:stop] = torch.where(valid, loss, torch.zeros_like(loss))
         lse[start:stop] = chunk_lse
         if grad_in_forward:
-            grad = softmax_grad_(logits, chunk_lse, safe, valid, label_smoothing)
+            grad = probs_to_grad_(exp.div_(sum_exp[:, None]), safe, valid, label_smoothing)
             grad_hidden[start:stop] = torch.mm(grad, weight32)
     return losses, lse, grad_hidden
 
@@ -76,7 +81,8 @@ def token_loss_backward(grad_losses, hidden, weight, bias, labels, lse, ignore_i
     grad_bias = torch.zeros(vocab, dtype=torch.float32) if need_bias else None
     weight32, bias32 = as_fp32(weight, bias)
     for start, stop, logits, valid, safe in logit_chunks(hidden, weight32, bias32, labels, ignore_index):
-        grad = softmax_grad_(logits, lse[start:stop], safe, valid, label_smoothing, grad_losses[start:stop])
+        probs = logits.sub_(lse[start:stop, None]).exp_()
+        grad = probs_to_grad_(probs, safe, valid, label_smoothing, grad_losses[start:stop])
         if need_hidden:
             grad_hidden[start:stop] = torch.mm(grad, weight32)
         if need_weight:
