@@ -14,15 +14,7 @@ from safetensors.torch import load_file, save_file
 from mrgfast.layers import LoRALinear
 from mrgfast.peft import (LoraConfig, adapter_io, adapter_state_dict, apply_lora, disable_adapters, load_adapter,
                           save_adapter)
-
-
-def randomize_trainable(model, seed=5):
-    """Give every trainable parameter random values (B included), so a wrong load cannot go unnoticed."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+from tests.peft.trainable import randomize_trainable
 
 
 def logits(model, ids):

@@ -8,6 +8,7 @@ from torch import nn
 
 from mrgfast.layers import LoRALinear
 from mrgfast.peft import LoraConfig, apply_lora, disable_adapters, get_lora_config, remove_lora
+from tests.peft.trainable import randomize_trainable
 
 
 def lora_paths(model):
@@ -18,15 +19,6 @@ def lora_paths(model):
 def trainable(model):
     """Sorted names of the parameters that require grad."""
     return sorted(name for name, p in model.named_parameters() if p.requires_grad)
-
-
-def train_everything(model, seed=3):
-    """Give every trainable parameter a random change, as training would."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=generator) * 0.3)
 
 
 @pytest.mark.parametrize("targets, expected", [
@@ -171,7 +163,7 @@ def test_modules_to_save_are_never_lora_targets(toy_model):
 
 def test_gradients_reach_only_trainable_parameters(toy_model, toy_ids):
     apply_lora(toy_model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]))
-    train_everything(toy_model)
+    randomize_trainable(toy_model, seed=3)
     toy_model.train()
     toy_model(toy_ids).square().mean().backward()
     with_grad = sorted(n for n, p in toy_model.named_parameters() if p.grad is not None)
@@ -184,7 +176,7 @@ def test_disable_adapters_computes_the_base_exactly(toy_model, toy_ids, bias):
         base_out = toy_model(toy_ids)
     apply_lora(toy_model, LoraConfig(r=2, target_modules=["q_proj", "v_proj", "down_proj"], bias=bias,
                                      modules_to_save=["lm_head", "input_layernorm"]))
-    train_everything(toy_model)
+    randomize_trainable(toy_model, seed=3)
     with torch.no_grad():
         adapted = toy_model(toy_ids)
         assert not torch.allclose(adapted, base_out)
@@ -196,7 +188,7 @@ def test_disable_adapters_computes_the_base_exactly(toy_model, toy_ids, bias):
 
 def test_disable_adapters_restores_on_exception(toy_model, toy_ids):
     apply_lora(toy_model, LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
-    train_everything(toy_model)
+    randomize_trainable(toy_model, seed=3)
     lm_head_weight = toy_model.lm_head.weight
     with torch.no_grad():
         adapted = toy_model(toy_ids)
@@ -212,7 +204,7 @@ def test_disable_adapters_nests_and_handles_merged_layers(toy_model, toy_ids):
     with torch.no_grad():
         base_out = toy_model(toy_ids)
     apply_lora(toy_model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
-    train_everything(toy_model)
+    randomize_trainable(toy_model, seed=3)
     merged_layer = toy_model.layers[1].self_attn.v_proj
     merged_layer.merge()
     with torch.no_grad():
@@ -228,7 +220,7 @@ def test_disable_adapters_nests_and_handles_merged_layers(toy_model, toy_ids):
 
 def test_trained_weights_keep_their_gradients_outside_the_block(toy_model, toy_ids):
     apply_lora(toy_model, LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
-    train_everything(toy_model)
+    randomize_trainable(toy_model, seed=3)
     policy_loss = toy_model(toy_ids).square().mean()
     with torch.no_grad(), disable_adapters(toy_model):
         reference = toy_model(toy_ids)
@@ -248,7 +240,7 @@ def test_remove_lora_restores_the_base_model(toy_model, toy_ids):
     with torch.no_grad():
         base_out = toy_model(toy_ids)
     apply_lora(toy_model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], bias="lora_only"))
-    train_everything(toy_model, seed=4)
+    randomize_trainable(toy_model, seed=4)
     toy_model.layers[0].self_attn.q_proj.merge()
     with torch.no_grad():
         # Trained biases stay trained (they are part of the model); reset them to compare with the base.
