@@ -1,6 +1,7 @@
-"""Packaging for mrgfast: pure-Python package now, native extension via CMake when CMakeLists.txt exists."""
+"""Packaging for mrgfast: the Python package plus the native extension mrgfast._C built by CMakeLists.txt."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,17 +29,51 @@ class CMakeBuild(build_ext):
         build_dir = Path(self.build_temp).resolve() / ext.name
         build_dir.mkdir(parents=True, exist_ok=True)
         config = "Debug" if self.debug else "Release"
+        with_cuda = build_cuda_kernels()
+        print(f"mrgfast._C: CPU kernels{' + CUDA kernels' if with_cuda else ' (CUDA kernels off: ' + CUDA_REASON + ')'}")
         subprocess.check_call(
             ["cmake", str(ROOT), f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
-             f"-DPython_EXECUTABLE={sys.executable}", f"-DCMAKE_BUILD_TYPE={config}"],
+             f"-DPython_EXECUTABLE={sys.executable}", f"-DCMAKE_BUILD_TYPE={config}",
+             f"-DMRGFAST_WITH_CUDA={'ON' if with_cuda else 'OFF'}"],
             cwd=build_dir,
         )
         jobs = str(os.cpu_count() or 1)
         subprocess.check_call(["cmake", "--build", ".", "--config", config, "-j", jobs], cwd=build_dir)
 
 
+CUDA_REASON = ""
+
+
+def torch_cuda_version() -> str:
+    """torch.version.cuda of the environment being installed into ('' for a CPU build or no torch).
+
+    pip builds in an isolated environment whose sitecustomize hides the target's site-packages; a child
+    interpreter without pip's PYTHONPATH sees them, and so sees the torch the extension will run with.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE")}
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.version.cuda or '')"],
+                           capture_output=True, text=True, env=env)
+    return probe.stdout.strip() if probe.returncode == 0 else ""
+
+
+def build_cuda_kernels() -> bool:
+    """Whether to compile kernels/*.cu: MRGFAST_CUDA=1/0 forces it; by default nvcc and a CUDA torch must exist."""
+    global CUDA_REASON
+    forced = os.environ.get("MRGFAST_CUDA", "").strip()
+    if forced in ("0", "1"):
+        CUDA_REASON = "MRGFAST_CUDA=0"
+        return forced == "1"
+    if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
+        CUDA_REASON = "no CUDA toolkit (nvcc) found"
+        return False
+    if not torch_cuda_version():
+        CUDA_REASON = "torch is a CPU build"
+        return False
+    return True
+
+
 def native_extensions():
-    """The CMake-built extension mrgfast._C, once the native kernels (CMakeLists.txt) exist."""
+    """The CMake-built extension mrgfast._C."""
     return [CMakeExtension("mrgfast._C")] if (ROOT / "CMakeLists.txt").exists() else []
 
 
@@ -50,10 +85,10 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["mrgfast", "mrgfast.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "safetensors>=0.4", "pyyaml"],
+    install_requires=["torch>=2.4", "numpy", "safetensors>=0.4", "pyyaml", "pillow"],
     extras_require={
         # triton ships with CUDA builds of torch; the CPU wheel needs it for the interpreter tests.
-        "test": ["pytest>=8", "triton>=3.2"],
+        "test": ["pytest>=8", "triton>=3.2", "pybind11>=2.12"],  # pybind11: the CUDA build check in .ci/run
         "gpu": ["flash-attn", "nvidia-ml-py"],
         "baseline": ["peft>=0.13", "trl>=0.12", "transformers>=4.45"],
     },
