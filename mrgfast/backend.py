@@ -62,12 +62,12 @@ def select_backend(op: str, tensor: torch.Tensor, implemented: tuple[str, ...]) 
 
 
 def kernel_module(op: str, backend: str):
-    """The module with `op`'s kernels for `backend`: mrgfast.ops.triton.<op> or mrgfast.ops.<op>_cpu.
+    """The module with `op`'s kernels for `backend`: mrgfast.ops.triton.<op>, mrgfast.ops.<op>_cpu or _cuda.
 
     Imported on first use, so triton stays optional for CPU-only installs.
     """
     if backend == "triton":
         return importlib.import_module(f"mrgfast.ops.triton.{op}")
-    if backend == "cpu":
-        return importlib.import_module(f"mrgfast.ops.{op}_cpu")
+    if backend in ("cpu", "cuda"):
+        return importlib.import_module(f"mrgfast.ops.{op}_{backend}")
     raise ValueError(f"{op}: no kernel module for backend {backend!r}")

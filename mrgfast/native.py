@@ -35,6 +35,15 @@ def cuda_kernels_built() -> bool:
     return native_available() and bool(native_module().with_cuda)
 
 
+def cuda_native_module():
+    """mrgfast._C with its CUDA kernels, or a RuntimeError saying it was built without them."""
+    module = native_module()
+    if not module.with_cuda:
+        raise RuntimeError("mrgfast._C was built without the CUDA kernels (kernels/*.cu): reinstall with a CUDA "
+                           "toolkit (nvcc) and a CUDA build of torch present, or MRGFAST_CUDA=1 pip install -e .")
+    return module
+
+
 def dtype_code(tensor: Tensor, name: str) -> int:
     """The native dtype code of `tensor`, or a ValueError naming the argument."""
     try:
