@@ -1,6 +1,7 @@
 """Drop-in nn.Modules built on mrgfast ops."""
 
+from mrgfast.layers.diagnostic_prefix import DiagnosticPrefix
 from mrgfast.layers.lora_linear import LoRALinear
 from mrgfast.layers.lora_qkv import LoRAQKV
 
-__all__ = ["LoRALinear", "LoRAQKV"]
+__all__ = ["DiagnosticPrefix", "LoRALinear", "LoRAQKV"]
