@@ -85,10 +85,10 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["mrgfast", "mrgfast.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "safetensors>=0.4", "pyyaml", "pillow"],
+    install_requires=["torch>=2.4", "numpy", "safetensors>=0.4", "pyyaml", "pillow", "pycocoevalcap"],
     extras_require={
         # triton ships with CUDA builds of torch; the CPU wheel needs it for the interpreter tests.
-        "test": ["pytest>=8", "triton>=3.2", "pybind11>=2.12"],  # pybind11: the CUDA build check in .ci/run
+        "test": ["pytest>=8", "triton>=3.2", "pybind11>=2.12", "scikit-learn"],  # pybind11: .ci/cuda_build_check
         "gpu": ["flash-attn", "nvidia-ml-py"],
         "baseline": ["peft>=0.13", "trl>=0.12", "transformers>=4.45"],
     },
