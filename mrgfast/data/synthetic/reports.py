@@ -1,0 +1,73 @@
+"""Report templates for synthetic studies: varied phrasing, negations, one sentence per finding slot."""
+
+import numpy as np
+
+from mrgfast.data.synthetic.findings import Findings
+
+HEART_NORMAL = (
+    "the heart size is normal", "heart size is within normal limits", "normal heart size",
+    "the cardiac silhouette is normal in size", "the heart is not enlarged", "no cardiomegaly",
+)
+HEART_ENLARGED = (
+    "the heart is enlarged", "cardiomegaly is present", "mild cardiomegaly", "there is cardiomegaly",
+    "the cardiac silhouette is enlarged", "moderate enlargement of the cardiac silhouette",
+)
+EFFUSION_NONE = (
+    "no pleural effusion", "there is no pleural effusion", "no evidence of pleural effusion",
+    "pleural effusion is not seen", "the lungs are clear without pleural effusion",
+)
+EFFUSION_SIDE = (
+    "small {side} pleural effusion", "there is a {side} pleural effusion", "{side} pleural effusion is present",
+    "a moderate {side} pleural effusion is seen",
+    "blunting of the {side} costophrenic angle consistent with a small effusion",
+)
+EFFUSION_BOTH = (
+    "bilateral pleural effusions", "small bilateral pleural effusions", "pleural effusions are present bilaterally",
+)
+NODULE_NONE = (
+    "no focal nodule", "no pulmonary nodules are seen", "there is no nodule or mass", "no suspicious pulmonary nodule",
+)
+NODULE_SIDE = (
+    "a small nodule is seen in the {side} lung", "there is a {side} lung nodule", "{side} upper lobe nodule",
+    "a {size} mm nodular opacity in the {side} mid lung", "a {size} mm nodule projects over the {side} lung",
+)
+PNEUMOTHORAX_NONE = (
+    "no pneumothorax", "without evidence of pneumothorax", "there is no pneumothorax", "pneumothorax is not seen",
+)
+PLEURA_NONE = ("no pleural effusion or pneumothorax", "no pneumothorax or pleural effusion")
+NORMAL_IMPRESSION = ("no acute cardiopulmonary abnormality", "no acute cardiopulmonary process", "normal chest")
+
+
+def _pick(options: tuple, slot_seed: int) -> str:
+    """One option chosen by a per-slot seed, so a report rebuilt with other findings keeps its other phrasings."""
+    return options[int(np.random.default_rng(slot_seed).integers(len(options)))]
+
+
+def _sentence(text: str) -> str:
+    """Capitalise and close with a full stop, as radiologists write."""
+    return text[0].upper() + text[1:] + "."
+
+
+def write_report(findings: Findings, seed: int) -> str:
+    """A report for `findings`; `seed` fixes the phrasing of every slot (same seed + other findings = same style)."""
+    slots = np.random.default_rng(seed).integers(0, 2**31, size=8)
+    sentences = [_pick(HEART_ENLARGED if findings.cardiomegaly else HEART_NORMAL, slots[0])]
+    if findings.nodule is not None:
+        size = 4 + int(slots[2] % 9)
+        sentences.append(_pick(NODULE_SIDE, slots[1]).format(side=findings.nodule, size=size))
+    else:
+        sentences.append(_pick(NODULE_NONE, slots[1]))
+    combine_pleura = findings.effusion is None and slots[3] % 3 == 0
+    if combine_pleura:
+        sentences.append(_pick(PLEURA_NONE, slots[4]))
+    else:
+        if findings.effusion == "both":
+            sentences.append(_pick(EFFUSION_BOTH, slots[5]))
+        elif findings.effusion is not None:
+            sentences.append(_pick(EFFUSION_SIDE, slots[5]).format(side=findings.effusion))
+        else:
+            sentences.append(_pick(EFFUSION_NONE, slots[5]))
+        sentences.append(_pick(PNEUMOTHORAX_NONE, slots[6]))
+    if findings.normal and slots[7] % 2 == 0:
+        sentences.append(_pick(NORMAL_IMPRESSION, slots[7] // 2))
+    return " ".join(_sentence(s) for s in sentences)
