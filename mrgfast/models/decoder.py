@@ -1,0 +1,176 @@
+"""Decoder: a lean, packing-aware Llama/Qwen2/Qwen2-VL text decoder with Hugging Face module names."""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from mrgfast.models.attention import Segments, varlen_attention
+from mrgfast.models.config import DecoderConfig
+from mrgfast.models.rope import RotaryEmbedding, apply_rope
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 and cast back before the weight, exactly as HF's LlamaRMSNorm."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x / rms(x) * weight over the last dim."""
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention on a packed stream [T, hidden]; q/k/v/o are plain nn.Linear (LoRA targets)."""
+
+    def __init__(self, config: DecoderConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
+                                                            config.head_dim)
+        hidden, q_dim, kv_dim = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(hidden, q_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(hidden, kv_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(hidden, kv_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(q_dim, hidden, bias=config.o_bias)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, seg: Segments, cache=None) -> Tensor:
+        """Attention output [T, hidden]; with a KV cache, the new keys join each sequence's cached ones."""
+        tokens = x.shape[0]
+        q = apply_rope(self.q_proj(x).view(tokens, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+        seg_k = seg
+        if cache is not None:
+            k, v, seg_k = cache.update(self.layer_idx, k, v)
+        out = varlen_attention(q, k, v, seg, seg_k, scale=self.head_dim ** -0.5)
+        return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        hidden, inner, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(hidden, inner, bias=bias)
+        self.up_proj = nn.Linear(hidden, inner, bias=bias)
+        self.down_proj = nn.Linear(inner, hidden, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The feed-forward output, same shape as x."""
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: attention then SwiGLU MLP."""
+
+    def __init__(self, config: DecoderConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, seg: Segments, cache=None) -> Tensor:
+        """The block's output [T, hidden]."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, seg, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """Llama/Qwen2-family causal decoder whose parameter names match HF's *ForCausalLM state dicts
+    (`model.embed_tokens`, `model.layers.N.self_attn.q_proj`, ..., `model.norm`, `lm_head`)."""
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        self.config = config
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
+            layers=nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers)),
+            norm=RMSNorm(config.hidden_size, config.rms_norm_eps)))
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding matrix with the LM head when the config ties them."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """Token embeddings [..., hidden]; build inputs_embeds from these to splice in other features."""
+        return self.model.embed_tokens(input_ids)
+
+    def forward(self, input_ids: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None,
+                position_ids: Optional[Tensor] = None, cu_seqlens=None, cache=None) -> Tensor:
+        """Final normed hidden states [B, S, hidden] for input_ids [B, S] or inputs_embeds [B, S, hidden].
+
+        cu_seqlens (int32, [docs + 1]) marks documents in the flattened B*S stream, which attend only within
+        themselves; without it each row is one document. position_ids is [B, S] (or [3, B, S] for M-RoPE);
+        by default positions restart at 0 in each document (after the cached tokens when `cache` is given).
+        """
+        x = self.input_embeddings(input_ids, inputs_embeds)
+        batch, seq, hidden = x.shape
+        seg = self.segments(cu_seqlens, batch, seq, x.device)
+        positions = self.flat_positions(position_ids, seg, batch, seq, x.device, cache)
+        cos, sin = self.rotary(positions)
+        h = x.reshape(batch * seq, hidden)
+        if cache is not None:
+            cache.begin(seg.lengths)  # document i of this forward extends cached sequence i
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None:
+                h = checkpoint(layer, h, cos, sin, seg, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, seg, cache)
+        if cache is not None:
+            cache.commit()
+        return self.model.norm(h).view(batch, seq, hidden)
+
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        """LM-head logits [..., vocab] for hidden states (evaluation only: training uses the fused loss)."""
+        return self.lm_head(hidden)
+
+    def input_embeddings(self, input_ids: Optional[Tensor], inputs_embeds: Optional[Tensor]) -> Tensor:
+        """Exactly one of input_ids [B, S] or inputs_embeds [B, S, hidden], as embeddings."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Decoder: pass exactly one of input_ids or inputs_embeds")
+        if input_ids is not None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+            return self.embed(input_ids)
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+            raise ValueError(f"inputs_embeds must be [batch, seq, {self.config.hidden_size}], "
+                             f"got shape {tuple(inputs_embeds.shape)}")
+        return inputs_embeds
+
+    @staticmethod
+    def segments(cu_seqlens, batch: int, seq: int, device) -> Segments:
+        """The documents of the flattened stream: from cu_seqlens, or one per row."""
+        if cu_seqlens is None:
+            return Segments.from_lengths([seq] * batch, device)
+        return Segments.from_cu_seqlens(cu_seqlens, batch * seq, device)
+
+    def flat_positions(self, position_ids: Optional[Tensor], seg: Segments, batch: int, seq: int, device,
+                       cache=None) -> Tensor:
+        """Position ids of the flattened stream: [T], or [3, T] for 3-axis M-RoPE ids."""
+        if position_ids is None:
+            starts = torch.tensor(seg.bounds[:-1], device=device)
+            if cache is not None:
+                # Continue each sequence after its cached tokens.
+                starts = starts - torch.tensor(cache.lengths, device=device)
+            lengths = torch.tensor(seg.lengths, device=device)
+            return torch.arange(batch * seq, device=device) - starts.repeat_interleave(lengths)
+        axes = position_ids.shape[:-2]
+        if tuple(position_ids.shape[-2:]) != (batch, seq) or axes not in ((), (3,)):
+            raise ValueError(f"position_ids must be [{batch}, {seq}] or [3, {batch}, {seq}], "
+                             f"got shape {tuple(position_ids.shape)}")
+        return position_ids.reshape(*axes, batch * seq)
