@@ -85,13 +85,14 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["mrgfast", "mrgfast.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "safetensors>=0.4", "pyyaml", "pillow", "pycocoevalcap"],
+    install_requires=["torch>=2.4", "numpy", "safetensors>=0.4", "pyyaml", "pillow", "tqdm", "pycocoevalcap",
+                      "transformers>=5", "tokenizers"],  # transformers: HF vision towers and tokenizers
     extras_require={
         # triton ships with CUDA builds of torch; the CPU wheel needs it for the interpreter tests.
         "test": ["pytest>=8", "triton>=3.2", "pybind11>=2.12", "scikit-learn", "nibabel"],  # pybind11: .ci/cuda_build_check
         "gpu": ["flash-attn", "nvidia-ml-py"],
         "nifti": ["nibabel"],  # .nii / .nii.gz volumes (CT-RATE); .npy / .npz need nothing extra
-        "baseline": ["peft>=0.13", "trl>=0.12", "transformers>=4.45"],
+        "baseline": ["peft>=0.13", "trl>=0.12"],
     },
     ext_modules=native_extensions(),
     cmdclass={"build_ext": CMakeBuild},

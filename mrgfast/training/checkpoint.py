@@ -1,0 +1,297 @@
+"""Atomic training checkpoints (`<output_dir>/step-XXXXXX/`): weights, optimizer, scheduler, RNG, sampler state."""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from mrgfast.peft.adapter_io import save_adapter
+from mrgfast.training.rng import capture_rng_state, restore_rng_state
+from mrgfast.training.state_io import load_tensors, read_state, save_tensors, write_state
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+TEMP_DIR = re.compile(r"^\.step-\d+\.(tmp|old)-")
+MANIFEST = "manifest.json"
+STATE_NAME = "trainer_state"
+FORMAT_VERSION = 1
+
+PathLike = Union[str, Path]
+# A writer puts extra files into the directory it is given (e.g. the PEFT adapter via save_adapter).
+Writer = Callable[[Path], Any]
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint holds, read back from disk."""
+
+    path: Path
+    step: int
+    tensors: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    optimizer: Optional[dict] = None
+    scheduler: Optional[dict] = None
+    rng_states: list = field(default_factory=list)
+    sampler: Any = None
+    extra: Any = None
+
+
+def step_dir_name(step: int) -> str:
+    """The directory name of the checkpoint at `step`."""
+    return f"step-{step:06d}"
+
+
+def save_checkpoint(output_dir: PathLike, step: int, *, tensors: Optional[dict[str, dict[str, Tensor]]] = None,
+                    optimizer: Optional[torch.optim.Optimizer] = None, scheduler: Any = None, sampler: Any = None,
+                    extra: Any = None, rng_states: Optional[list] = None, writers: Optional[dict[str, Writer]] = None,
+                    keep_last: int = 2) -> Path:
+    """Write the checkpoint of `step` atomically and keep the newest `keep_last`; returns its directory.
+
+    `tensors` maps a group name to named tensors, each group one `<name>.safetensors` (e.g. the projector);
+    `writers` maps a sub-directory name to a function that fills it (e.g. `adapter_writer(model)`);
+    `rng_states` is one capture_rng_state() per rank (default: this process's); `sampler`/`extra` are
+    plain values (numbers, strings, lists, dicts, tensors). Everything goes to a temporary directory that
+    is renamed into place only when complete, so an interrupted save never damages an older checkpoint.
+    """
+    if not isinstance(step, int) or step < 0:
+        raise ValueError(f"save_checkpoint: step must be a non-negative int, got {step!r}")
+    if keep_last < 1:
+        raise ValueError(f"save_checkpoint: keep_last must be >= 1, got {keep_last}")
+    root = Path(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(root)
+    final = root / step_dir_name(step)
+    temp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.tmp-"))
+    try:
+        write_contents(temp, step, tensors or {}, optimizer, scheduler, sampler, extra,
+                       rng_states if rng_states is not None else [capture_rng_state()], writers or {})
+        # mkdtemp makes the directory private (0700); a checkpoint should be as readable as other outputs.
+        os.chmod(temp, 0o755)
+        install(temp, final)
+    finally:
+        if temp.exists():
+            shutil.rmtree(temp, ignore_errors=True)
+    prune(root, keep_last, keep=final)
+    return final
+
+
+def write_contents(directory: Path, step: int, tensors: dict, optimizer, scheduler, sampler, extra,
+                   rng_states: list, writers: dict[str, Writer]) -> None:
+    """Fill a (temporary) checkpoint directory, manifest last."""
+    for group, named in tensors.items():
+        check_name("tensor group", group)
+        save_tensors(named, directory / f"{group}.safetensors")
+    state = {
+        "format": FORMAT_VERSION,
+        "step": step,
+        "tensor_groups": sorted(tensors),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "rng_states": rng_states,
+        "sampler": sampler,
+        "extra": extra,
+    }
+    write_state(directory, STATE_NAME, state)
+    for name, write in writers.items():
+        check_name("writer", name)
+        (directory / name).mkdir()
+        write(directory / name)
+    files = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
+    manifest = {"format": FORMAT_VERSION, "step": step, "files": {f: sha256(directory / f) for f in files}}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    for f in files + [MANIFEST]:
+        fsync_file(directory / f)
+
+
+def check_name(kind: str, name: str) -> None:
+    """ValueError unless `name` is a plain file-name part (no separators, not a reserved name)."""
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name or "") or name.startswith(".") \
+            or name in (MANIFEST, STATE_NAME) or name.startswith(STATE_NAME + "."):
+        raise ValueError(f"save_checkpoint: {kind} name {name!r} must be letters, digits, '_', '-', '.' "
+                         f"(not starting with '.', not {STATE_NAME!r} or {MANIFEST!r})")
+
+
+def install(temp: Path, final: Path) -> None:
+    """Rename the finished temp directory to `final`; an existing `final` is moved aside first, then removed."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(final, old)
+    os.replace(temp, final)
+    fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_stale_temps(root: Path) -> None:
+    """Delete temp/old directories left by an interrupted save (they are never a complete checkpoint)."""
+    for entry in root.iterdir():
+        if entry.is_dir() and TEMP_DIR.match(entry.name):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def prune(root: Path, keep_last: int, keep: Path) -> None:
+    """Remove complete checkpoints older than the newest `keep_last` (never `keep`)."""
+    done = complete_checkpoints(root)
+    for step, path in done[:-keep_last] if len(done) > keep_last else []:
+        if path != keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """(step, path) of checkpoint directories holding a manifest, oldest first."""
+    found = []
+    if root.is_dir():
+        for entry in root.iterdir():
+            match = STEP_DIR.match(entry.name)
+            if match and entry.is_dir() and (entry / MANIFEST).is_file():
+                found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: PathLike) -> Optional[Path]:
+    """The newest complete checkpoint directory in `output_dir`, or None."""
+    done = complete_checkpoints(Path(output_dir))
+    return done[-1][1] if done else None
+
+
+def resolve_resume(resume: str, output_dir: PathLike) -> Optional[Path]:
+    """The checkpoint to resume from: 'auto' -> latest in output_dir (or None), 'none' -> None, else that path."""
+    if resume == "auto":
+        return latest_checkpoint(output_dir)
+    if resume == "none":
+        return None
+    path = Path(resume)
+    if not (path / MANIFEST).is_file():
+        raise ValueError(f"resume={resume!r}: not a complete checkpoint directory (no {MANIFEST}); "
+                         "expected 'auto', 'none' or a step-XXXXXX directory written by save_checkpoint")
+    return path
+
+
+def read_checkpoint(path: PathLike, verify: bool = True) -> Checkpoint:
+    """Read a checkpoint without applying it; `verify` checks every file against the manifest's sha256."""
+    directory = Path(path)
+    manifest_file = directory / MANIFEST
+    if not manifest_file.is_file():
+        raise ValueError(f"{manifest_file}: missing; {directory} is not a complete checkpoint")
+    try:
+        manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{manifest_file}: not a valid checkpoint manifest ({err})") from err
+    if verify:
+        verify_files(directory, files)
+    state = read_state(directory, STATE_NAME)
+    if state.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{directory / (STATE_NAME + '.json')}: format {state.get('format')!r}, "
+                         f"expected {FORMAT_VERSION}")
+    tensors = {g: load_tensors(directory / f"{g}.safetensors") for g in state["tensor_groups"]}
+    return Checkpoint(path=directory, step=state["step"], tensors=tensors, optimizer=state["optimizer"],
+                      scheduler=state["scheduler"], rng_states=state["rng_states"], sampler=state["sampler"],
+                      extra=state["extra"])
+
+
+def verify_files(directory: Path, files: dict[str, str]) -> None:
+    """ValueError naming the first file that is missing or whose sha256 differs from the manifest."""
+    for name, digest in files.items():
+        file = directory / name
+        if not file.is_file():
+            raise ValueError(f"{file}: missing; the checkpoint is incomplete")
+        if sha256(file) != digest:
+            raise ValueError(f"{file}: corrupt (its sha256 differs from {directory / MANIFEST})")
+
+
+def load_checkpoint(path: PathLike, *, optimizer: Optional[torch.optim.Optimizer] = None, scheduler: Any = None,
+                    restore_rng: bool = True, rank: int = 0, verify: bool = True) -> Checkpoint:
+    """Read a checkpoint and restore the optimizer, scheduler and this rank's RNG state; returns the contents.
+
+    Model tensors are returned (`.tensors`) for the caller to copy in (`copy_tensors_into`), and writer
+    sub-directories (e.g. the adapter) are read by their own loaders from `.path / name`.
+    """
+    ckpt = read_checkpoint(path, verify=verify)
+    if optimizer is not None:
+        if ckpt.optimizer is None:
+            raise ValueError(f"{ckpt.path}: holds no optimizer state, but an optimizer was given to restore")
+        load_optimizer_state(optimizer, ckpt.optimizer, ckpt.path)
+    if scheduler is not None:
+        if ckpt.scheduler is None:
+            raise ValueError(f"{ckpt.path}: holds no scheduler state, but a scheduler was given to restore")
+        scheduler.load_state_dict(ckpt.scheduler)
+    if restore_rng:
+        if not 0 <= rank < len(ckpt.rng_states):
+            raise ValueError(f"{ckpt.path}: holds RNG states for {len(ckpt.rng_states)} rank(s), "
+                             f"cannot restore rank {rank}; resume with the same number of processes")
+        restore_rng_state(ckpt.rng_states[rank], f"{ckpt.path} (rank {rank})")
+    return ckpt
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, source: Path) -> None:
+    """optimizer.load_state_dict, keeping each group's tensor `lr` the same tensor object (CUDA graphs
+    captured with it keep reading the right memory) with the saved value copied in."""
+    held = [group.get("lr") for group in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError) as err:
+        raise ValueError(f"{source}: optimizer state does not fit this optimizer ({err})") from err
+    for group, old in zip(optimizer.param_groups, held):
+        if isinstance(old, Tensor):
+            with torch.no_grad():
+                old.copy_(torch.as_tensor(group["lr"]))
+            group["lr"] = old
+
+
+def copy_tensors_into(module: nn.Module, tensors: dict[str, Tensor], source: str = "checkpoint") -> None:
+    """Copy named tensors into `module`'s parameters/buffers of the same names; keys and shapes must match."""
+    targets = dict(module.named_parameters())
+    targets.update(dict(module.named_buffers()))
+    unknown = sorted(set(tensors) - set(targets))
+    if unknown:
+        raise ValueError(f"{source}: {len(unknown)} tensor(s) not in the model, e.g. {unknown[0]!r}")
+    for name, value in tensors.items():
+        if value.shape != targets[name].shape:
+            raise ValueError(f"{source}: {name} has shape {tuple(value.shape)}, the model expects "
+                             f"{tuple(targets[name].shape)}")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            targets[name].copy_(value)
+
+
+def adapter_writer(model: nn.Module) -> Writer:
+    """A writer that saves `model`'s LoRA adapter in PEFT format (mrgfast.peft.save_adapter)."""
+    return lambda directory: save_adapter(model, directory)
+
+
+def sha256(file: Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fsync_file(file: Path) -> None:
+    """Flush a file's bytes to disk (a rename after a crash must not expose empty files)."""
+    with open(file, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def fsync_dir(directory: Path) -> None:
+    """Flush a directory entry (the rename) to disk where the OS allows it."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,279 @@
+"""The run configuration: nested dataclasses, loaded from YAML plus dotted `key=value` overrides."""
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional, Sequence, Union
+
+import yaml
+
+from mrgfast.losses.dpo import check_dpo_args
+from mrgfast.peft.config import LoraConfig
+from mrgfast.training.config_parse import ConfigError, apply_mapping, build, read_yaml, set_dotted, to_plain
+
+RESOLVED_NAME = "config.yaml"
+CONFIG_ARG = "config"
+
+
+def require(condition: bool, message: str) -> None:
+    """ValueError(message) unless `condition` (section checks; build() adds the section name)."""
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclass
+class ModelSection:
+    """Which model to build and how: checkpoints by path, dtype, activation checkpointing."""
+
+    recipe: Literal["demo", "pefomed", "mrgllm_promptwise", "mrgllm_promptbook", "ldp", "rad3d_prefix"] = "demo"
+    name_or_path: Optional[str] = None          # decoder checkpoint directory (HF layout); None: built from sizes
+    vision_name_or_path: Optional[str] = None   # vision tower / 3D encoder checkpoint
+    init_from: Optional[str] = None             # a previous stage's checkpoint or adapter to start from
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    activation_checkpointing: bool = False
+    group_size: int = 4                         # PeFoMed: consecutive vision tokens concatenated into one
+
+    def __post_init__(self):
+        require(self.group_size >= 1, f"group_size must be >= 1, got {self.group_size}")
+
+
+@dataclass
+class DataSection:
+    """Where the samples come from and how they are packed into batches."""
+
+    dataset: str = "synthetic_cxr"
+    path: Optional[str] = None                  # annotation file / data root; None: the synthetic twin
+    task: Literal["report", "vqa", "caption"] = "report"
+    token_budget: int = 2048                    # tokens per packed micro-batch (fixed: CUDA graphs need it)
+    max_length: int = 512                       # longest sample, in tokens
+    num_workers: int = 0
+    shuffle: bool = True
+    skip_bad_samples: bool = False
+
+    def __post_init__(self):
+        require(self.token_budget >= 1, f"token_budget must be >= 1, got {self.token_budget}")
+        require(1 <= self.max_length <= self.token_budget,
+                f"max_length must be in [1, token_budget={self.token_budget}], got {self.max_length}")
+        require(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
+
+
+@dataclass
+class LoraSection:
+    """LoRA settings with PEFT's LoraConfig field names; `enabled: false` trains without adapters."""
+
+    enabled: bool = True
+    r: int = 8
+    lora_alpha: float = 8.0
+    lora_dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    use_rslora: bool = False
+    bias: Literal["none", "all", "lora_only"] = "none"
+    modules_to_save: Optional[list[str]] = None
+
+    def __post_init__(self):
+        require(self.r >= 1, f"r must be >= 1, got {self.r}")
+        require(self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}")
+        require(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        require(not self.enabled or bool(self.target_modules), "target_modules must name at least one module")
+
+    def to_lora_config(self, base_model_name_or_path: Optional[str] = None) -> LoraConfig:
+        """The mrgfast.peft.LoraConfig these settings describe."""
+        return LoraConfig(r=self.r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
+                          target_modules=list(self.target_modules), use_rslora=self.use_rslora, bias=self.bias,
+                          modules_to_save=self.modules_to_save, base_model_name_or_path=base_model_name_or_path)
+
+
+@dataclass
+class OptimSection:
+    """AdamW, gradient accumulation and clipping."""
+
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    max_grad_norm: Optional[float] = 1.0        # None: no clipping
+    grad_accum_steps: int = 1
+    fused: Union[Literal["auto"], bool] = "auto"  # auto: fused AdamW (on CUDA and CPU alike)
+
+    def __post_init__(self):
+        require(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+                f"betas must be two numbers in [0, 1), got {self.betas}")
+        require(self.eps > 0, f"eps must be > 0, got {self.eps}")
+        require(self.max_grad_norm is None or self.max_grad_norm > 0,
+                f"max_grad_norm must be > 0 or null, got {self.max_grad_norm}")
+        require(self.grad_accum_steps >= 1, f"grad_accum_steps must be >= 1, got {self.grad_accum_steps}")
+
+
+@dataclass
+class ScheduleSection:
+    """Learning-rate schedule: linear warmup then cosine decay (HF's get_cosine_schedule_with_warmup)."""
+
+    name: Literal["cosine", "constant"] = "cosine"
+    max_steps: int = 200                        # optimizer steps in the run
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0                   # used when warmup_steps is 0: warmup = ceil(ratio * max_steps)
+    num_cycles: float = 0.5
+    min_lr_rate: float = 0.0                    # floor of the cosine, as a fraction of the peak LR
+
+    def __post_init__(self):
+        require(self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}")
+        require(0 <= self.warmup_steps <= self.max_steps,
+                f"warmup_steps must be in [0, max_steps={self.max_steps}], got {self.warmup_steps}")
+        require(0.0 <= self.warmup_ratio <= 1.0, f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+        require(not (self.warmup_steps and self.warmup_ratio), "set warmup_steps or warmup_ratio, not both")
+        require(self.num_cycles > 0, f"num_cycles must be > 0, got {self.num_cycles}")
+        require(0.0 <= self.min_lr_rate <= 1.0, f"min_lr_rate must be in [0, 1], got {self.min_lr_rate}")
+
+    def resolved_warmup_steps(self) -> int:
+        """Warmup length in steps, from warmup_steps or warmup_ratio (ceil, as transformers does)."""
+        if self.warmup_steps:
+            return self.warmup_steps
+        return math.ceil(self.warmup_ratio * self.max_steps)
+
+
+@dataclass
+class DPOSection:
+    """DPO settings with TRL's names; used when mode is 'dpo'."""
+
+    beta: float = 0.1
+    loss_type: Literal["sigmoid", "hinge", "ipo", "robust"] = "sigmoid"
+    label_smoothing: float = 0.0
+    reference: Literal["disabled_adapters", "precomputed"] = "disabled_adapters"
+    reference_logps_path: Optional[str] = None  # precomputed: where the first pass writes / training reads them
+
+    def __post_init__(self):
+        check_dpo_args(self.loss_type, self.beta, self.label_smoothing)
+
+
+@dataclass
+class CheckpointSection:
+    """How often checkpoints are written and how many are kept."""
+
+    every_steps: int = 100
+    keep_last: int = 2
+    save_at_end: bool = True
+
+    def __post_init__(self):
+        require(self.every_steps >= 1, f"every_steps must be >= 1, got {self.every_steps}")
+        require(self.keep_last >= 1, f"keep_last must be >= 1, got {self.keep_last}")
+
+
+@dataclass
+class TelemetrySection:
+    """Logging: JSONL metrics, TensorBoard (when installed), progress bar, GPU sampling."""
+
+    log_every: int = 10
+    jsonl: bool = True
+    tensorboard: bool = True                    # only when the tensorboard package is importable
+    progress_bar: bool = True
+    gpu_sample_interval_s: float = 1.0
+
+    def __post_init__(self):
+        require(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
+        require(self.gpu_sample_interval_s > 0,
+                f"gpu_sample_interval_s must be > 0, got {self.gpu_sample_interval_s}")
+
+
+@dataclass
+class DistributedSection:
+    """Data parallelism under torchrun: DDP or FSDP2 (fully_shard)."""
+
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: NCCL on CUDA, gloo on CPU
+    timeout_s: int = 1800
+
+    def __post_init__(self):
+        require(self.timeout_s >= 1, f"timeout_s must be >= 1, got {self.timeout_s}")
+
+
+@dataclass
+class TrainConfig:
+    """One training run: top-level switches plus one section per concern."""
+
+    mode: Literal["sft", "dpo"] = "sft"
+    output_dir: str = "runs/demo"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    resume: str = "auto"                        # auto: latest checkpoint in output_dir if any; none; or a path
+    cuda_graphs: bool = True                    # on CUDA with fixed token-budget packing
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    dpo: DPOSection = field(default_factory=DPOSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    telemetry: TelemetrySection = field(default_factory=TelemetrySection)
+    distributed: DistributedSection = field(default_factory=DistributedSection)
+
+    def __post_init__(self):
+        require(bool(self.output_dir), "output_dir must not be empty")
+        require(bool(self.resume), "resume must be 'auto', 'none' or a checkpoint path")
+
+
+def load_config(path: Union[str, Path, None] = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """A TrainConfig from an optional YAML file (with `base:` inheritance) and `key=value` overrides."""
+    data = read_yaml(Path(path)) if path is not None else {}
+    try:
+        # Keys and types first, so a mistake in the file is reported with the file's name.
+        apply_mapping(TrainConfig, data, construct=False)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    for item in overrides:
+        key, text = split_override(item)
+        set_dotted(data, key, text, TrainConfig)
+    return build(TrainConfig, data)
+
+
+def split_override(item: str) -> tuple[str, str]:
+    """`key=value` (a leading `--` allowed) as (key, value); ConfigError otherwise."""
+    if "=" not in item:
+        raise ConfigError(f"argument {item!r}: expected key=value (e.g. optim.lr=3e-5) or config=path.yaml")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if key.startswith("--"):
+        key = key[2:]
+    if not key:
+        raise ConfigError(f"argument {item!r}: empty key before '='")
+    return key, text
+
+
+def parse_cli(argv: Sequence[str]) -> TrainConfig:
+    """The config from command-line arguments: `config=path.yaml` (at most once) and `key=value` overrides."""
+    path, overrides = None, []
+    for item in argv:
+        key, text = split_override(item)
+        if key == CONFIG_ARG:
+            if path is not None:
+                raise ConfigError(f"config= given twice ({path!r} and {text!r}); use `base:` in YAML to combine")
+            path = text
+        else:
+            overrides.append(item)
+    return load_config(path, overrides)
+
+
+def config_to_dict(config: TrainConfig) -> dict:
+    """The config as nested plain dicts (YAML/JSON-ready)."""
+    return to_plain(config)
+
+
+def save_resolved(config: TrainConfig, output_dir: Union[str, Path, None] = None) -> Path:
+    """Write the resolved config as `<output_dir>/config.yaml` (atomically); returns the file."""
+    directory = Path(output_dir if output_dir is not None else config.output_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(config_to_dict(config), sort_keys=False)
+    target = directory / RESOLVED_NAME
+    fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{RESOLVED_NAME}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.chmod(temp, 0o644)
+        os.replace(temp, target)
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
+    return target

@@ -1,0 +1,190 @@
+"""Process groups under torchrun (NCCL on CUDA, gloo on CPU), DDP / FSDP2 wrapping and metric reduction.
+
+Without torchrun (no WORLD_SIZE, or WORLD_SIZE=1) everything here is a single-process no-op.
+"""
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+STRATEGIES = ("ddp", "fsdp")
+BACKENDS = ("auto", "nccl", "gloo")
+
+
+@dataclass
+class DistContext:
+    """Where this process sits: rank, local rank, world size, its device, and whether it made the group."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    backend: Optional[str] = None
+    owns_group: bool = False
+
+    @property
+    def distributed(self) -> bool:
+        """Whether more than one process takes part."""
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this is rank 0 (the one that logs and writes checkpoints)."""
+        return self.rank == 0
+
+
+def env_int(name: str, default: Optional[int] = None) -> Optional[int]:
+    """An integer environment variable; ValueError naming it when it is not an integer."""
+    text = os.environ.get(name)
+    if text is None or text == "":
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={text!r}: expected an integer (torchrun sets it)") from None
+
+
+def pick_device(preference: str, local_rank: int) -> torch.device:
+    """The device for this process: 'auto' -> cuda:<local_rank> when available, else cpu."""
+    if preference not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {preference!r}")
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but CUDA is not available; use device=cpu or device=auto")
+    if preference != "cpu" and torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: int = 1800) -> DistContext:
+    """Join the torchrun process group from RANK / WORLD_SIZE / LOCAL_RANK (single process when absent)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    world_size = env_int("WORLD_SIZE", 1)
+    rank = env_int("RANK", 0)
+    local_rank = env_int("LOCAL_RANK", rank)
+    if world_size < 1 or not 0 <= rank < world_size or not 0 <= local_rank:
+        raise ValueError(f"inconsistent torchrun environment: RANK={rank}, LOCAL_RANK={local_rank}, "
+                         f"WORLD_SIZE={world_size}")
+    torch_device = pick_device(device, local_rank)
+    if torch_device.type == "cuda":
+        torch.cuda.set_device(torch_device)
+    if world_size == 1 and not dist.is_initialized():
+        return DistContext(device=torch_device)
+    if backend == "auto":
+        backend = "nccl" if torch_device.type == "cuda" else "gloo"
+    if backend == "nccl" and torch_device.type != "cuda":
+        raise ValueError("backend='nccl' needs CUDA devices; use backend=gloo (or auto) on CPU")
+    owns = False
+    if not dist.is_initialized():
+        for name in ("MASTER_ADDR", "MASTER_PORT"):
+            if name not in os.environ:
+                raise ValueError(f"WORLD_SIZE={world_size} but {name} is not set; launch with torchrun")
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=timeout_s),
+                                device_id=torch_device if torch_device.type == "cuda" else None)
+        owns = True
+    return DistContext(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(),
+                       device=torch_device, backend=dist.get_backend(), owns_group=owns)
+
+
+def teardown(ctx: DistContext) -> None:
+    """Leave the process group if init_distributed created it."""
+    if ctx.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_main_process() -> bool:
+    """Whether this process is rank 0 (true without a process group)."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier(ctx: DistContext) -> None:
+    """Wait for every rank (no-op for one process)."""
+    if ctx.distributed:
+        dist.barrier()
+
+
+def all_reduce_mean(ctx: DistContext, values: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The mean over ranks of each 0-d metric tensor, in one collective; unchanged for one process."""
+    if not ctx.distributed or not values:
+        return values
+    keys = sorted(values)
+    stacked = torch.stack([values[k].detach().float().reshape(()) for k in keys]).to(ctx.device)
+    dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
+    stacked /= ctx.world_size
+    return {k: stacked[i] for i, k in enumerate(keys)}
+
+
+def all_reduce_sum(ctx: DistContext, tensor: Tensor) -> Tensor:
+    """The sum over ranks of `tensor` (e.g. token counts for normalising the loss); a copy for one process."""
+    out = tensor.detach().clone()
+    if ctx.distributed:
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def any_rank(ctx: DistContext, flag: bool) -> bool:
+    """Whether `flag` is true on any rank (e.g. a SIGTERM seen by one process stops all)."""
+    if not ctx.distributed:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=ctx.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def gather_objects(ctx: DistContext, obj: Any) -> list:
+    """Every rank's `obj` (e.g. RNG states for a checkpoint), in rank order; [obj] for one process."""
+    if not ctx.distributed:
+        return [obj]
+    out: list = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def wrap_model(model: nn.Module, ctx: DistContext, strategy: str = "ddp",
+               fsdp_blocks: Optional[Iterable[nn.Module]] = None) -> nn.Module:
+    """DDP- or FSDP2-wrap `model` for data parallelism; the model itself for one process.
+
+    FSDP2 (`fully_shard`) shards each module in `fsdp_blocks` (e.g. the decoder layers) and then the root.
+    Frozen parameters are fine in both: DDP reduces only gradients that exist.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    if not ctx.distributed:
+        return model
+    if strategy == "ddp":
+        device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
+    for block in fsdp_blocks or ():
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce inside the block when not `enabled` (all but the last accumulation micro-step)."""
+    if enabled:
+        yield
+        return
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        with model.no_sync():
+            yield
+        return
+    if hasattr(model, "set_requires_gradient_sync"):  # an FSDP2 module
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+        return
+    yield

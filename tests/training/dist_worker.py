@@ -1,0 +1,68 @@
+"""Worker for the 2-process gloo test: collectives, a DDP step and an FSDP2 step on one shard of a global batch."""
+
+import os
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from mrgfast.training.distributed import (all_reduce_mean, all_reduce_sum, any_rank, gather_objects,
+                                          gradient_sync, init_distributed, teardown, wrap_model)
+
+
+def global_batch():
+    """The global batch both runs see: inputs [8, 4] and targets [8, 3]."""
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(8, 4, generator=g), torch.randn(8, 3, generator=g)
+
+
+def make_model():
+    """The same initial two-layer model in every process."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+
+
+def train_step(model, x, y, micro_batches=1):
+    """One SGD step on (x, y) with the loss averaged over the micro-batches; returns the loss."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    total = 0.0
+    for i, (xs, ys) in enumerate(zip(x.chunk(micro_batches), y.chunk(micro_batches))):
+        with gradient_sync(model, enabled=i == micro_batches - 1):
+            loss = nn.functional.mse_loss(model(xs), ys) / micro_batches
+            loss.backward()
+        total += loss.detach()
+    inner = getattr(model, "module", model)  # DDP prefixes names with "module."
+    grads = {f"grad.{n}": full(p.grad) for n, p in inner.named_parameters()}
+    opt.step()
+    return total, grads
+
+
+def full(t):
+    """A plain tensor from a (possibly sharded DTensor) parameter or gradient."""
+    return t.full_tensor().detach().clone() if hasattr(t, "full_tensor") else t.detach().clone()
+
+
+def run(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """torch.multiprocessing.spawn target: one process of the torchrun-like group."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    ctx = init_distributed(device="cpu", timeout_s=60)
+    out = {}
+    out["mean"] = all_reduce_mean(ctx, {"loss": torch.tensor(float(rank + 1))})["loss"].reshape(1)
+    out["sum"] = all_reduce_sum(ctx, torch.tensor([rank + 1.0]))
+    out["any"] = torch.tensor([float(any_rank(ctx, rank == 1)), float(any_rank(ctx, False))])
+    out["gather"] = torch.tensor(gather_objects(ctx, rank), dtype=torch.float32)
+    out["main"] = torch.tensor([float(ctx.is_main)])
+    x, y = global_batch()
+    xs, ys = x.chunk(world_size)[rank], y.chunk(world_size)[rank]
+    for strategy, micro in (("ddp", 1), ("ddp", 2), ("fsdp", 1)):
+        model = make_model()
+        wrapped = wrap_model(model, ctx, strategy, fsdp_blocks=[model[0]] if strategy == "fsdp" else None)
+        loss, grads = train_step(wrapped, xs, ys, micro)
+        tag = f"{strategy}{micro}"
+        out[f"{tag}.loss"] = all_reduce_mean(ctx, {"loss": loss})["loss"].reshape(1)
+        out.update({f"{tag}.{k}": v for k, v in grads.items()})
+        out.update({f"{tag}.param.{n}": full(p) for n, p in model.named_parameters()})
+    save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(out_dir, f"rank{rank}.safetensors"))
+    teardown(ctx)
