@@ -83,6 +83,7 @@ def test_bad_shapes_raise():
         varlen_attention(torch.zeros(4, 2, 8), kv, kv, seg, Segments.from_lengths([2, 2], "cpu"))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("q_lengths, k_lengths", CASES[:3])
 def test_cuda_backend_matches_dense_reference(q_lengths, k_lengths):

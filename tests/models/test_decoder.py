@@ -175,6 +175,7 @@ def test_bad_inputs_raise_clear_errors(hf_model):
         decoder(input_ids=ids, position_ids=torch.zeros(3, 1, 5, dtype=torch.long))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bf16_packed_forward_matches_cpu(hf_model):
     _, path = hf_model("qwen2")
