@@ -3,5 +3,6 @@
 from mrgfast.layers.diagnostic_prefix import DiagnosticPrefix
 from mrgfast.layers.lora_linear import LoRALinear
 from mrgfast.layers.lora_qkv import LoRAQKV
+from mrgfast.layers.token_group_projector import TokenGroupProjector
 
-__all__ = ["DiagnosticPrefix", "LoRALinear", "LoRAQKV"]
+__all__ = ["DiagnosticPrefix", "LoRALinear", "LoRAQKV", "TokenGroupProjector"]
