@@ -6,13 +6,19 @@
 - `load_decoder(path, dtype=None, device=None)`: a Decoder from an HF directory (safetensors, sharded or not).
 - `generate(decoder, input_ids | inputs_embeds, attention_mask, max_new_tokens=..., eos_token_id=...,
   num_beams=1)`: greedy or beam search with a KV cache, batched, any padding side.
-- `varlen_attention`: the one attention function (flash-attn / torch varlen on CUDA, per-document SDPA).
+- `varlen_attention`: the one attention function (flash-attn / torch varlen on CUDA, per-document SDPA);
+  `AttentionLayout`: which keys each packed document's queries see (causal documents, shared DPO prompts).
+- `VisionTower.from_pretrained(path)`: CLIP / SigLIP / Qwen2-VL vision encoders -> `VisionFeatures` (+ grid);
+  `Qwen2VLMerger`: Qwen2-VL's merger as a trainable adapter; `ViT` / `ViT3D`: small encoders trained from scratch.
 """
 
-from mrgfast.models.attention import Segments, varlen_attention
+from mrgfast.models.attention import AttentionLayout, Segments, varlen_attention
 from mrgfast.models.config import DecoderConfig
 from mrgfast.models.decoder import Decoder
 from mrgfast.models.generation import KVCache, generate
 from mrgfast.models.loading import load_decoder
+from mrgfast.models.vision import Qwen2VLMerger, VisionFeatures, VisionTower, qwen2_vl_patchify
+from mrgfast.models.vit import ViT, ViT3D
 
-__all__ = ["Decoder", "DecoderConfig", "KVCache", "Segments", "generate", "load_decoder", "varlen_attention"]
+__all__ = ["AttentionLayout", "Decoder", "DecoderConfig", "KVCache", "Qwen2VLMerger", "Segments", "ViT", "ViT3D",
+           "VisionFeatures", "VisionTower", "generate", "load_decoder", "qwen2_vl_patchify", "varlen_attention"]

@@ -125,9 +125,14 @@ def test_missing_files_raise(hf_model, tmp_path):
 
 
 def test_models_package_does_not_import_transformers():
-    # transformers is the test oracle only: no module of mrgfast.models may import it.
+    # transformers is the test oracle for the decoder: no module of mrgfast.models imports it at module level,
+    # and only the vision tower (which wraps HF encoders) imports it at all, lazily, inside a function.
     for source in Path(mrgfast.models.__file__).parent.glob("*.py"):
-        for node in ast.walk(ast.parse(source.read_text())):
+        tree = ast.parse(source.read_text())
+        lazy = {id(node) for function in ast.walk(tree) if isinstance(function, ast.FunctionDef)
+                for node in ast.walk(function)}
+        for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
-                assert not any(n.split(".")[0] == "transformers" for n in names), source
+                if any(n.split(".")[0] == "transformers" for n in names):
+                    assert source.name == "vision.py" and id(node) in lazy, source
