@@ -2,6 +2,11 @@
 
 Every reader returns a SampleSet (a list of Sample records with a `stats` Counter); MedicalDataset loads
 the images or volumes. The packing collator consumes MedicalDataset items.
+
+Tokens: `load_tokenizer(model_dir)` / `build_demo_tokenizer(texts, out_dir)`; `PromptBuilder(tokenizer, template,
+image_tokens=...)` turns samples into ids, answer-only label masks and placeholder spans (templates: TEMPLATES);
+`PackingCollator` / `DPOCollator` pack them into fixed [rows, budget] batches (`plan_batches` /
+`PackedBatchSampler` group samples that fit), and `dpo_loss_inputs` feeds a DPO batch to fused_dpo_loss.
 """
 
 from mrgfast.data.ct import CT_RATE_LABELS, read_ct_reports
@@ -23,4 +28,17 @@ __all__ = [
     "binarize", "clean_report_iu_xray", "clean_report_mimic_cxr", "label_report", "load_image", "load_volume",
     "pefomed_pre_caption", "pefomed_pre_question", "preprocess_image", "preprocess_volume", "read_chexpert_csv",
     "read_ct_reports", "read_preference_jsonl", "read_r2gen", "read_report_list", "read_slake", "read_vqa_rad",
+]
+
+from mrgfast.data.tokenizer import Tokenizer, build_demo_tokenizer, load_tokenizer  # noqa: E402
+from mrgfast.data.prompts import (TEMPLATES, PromptBuilder, PromptTemplate, Span, TokenizedPair,  # noqa: E402
+                                  TokenizedSample)
+from mrgfast.data.packing import (DPOCollator, PackedBatch, PackedBatchSampler, PackingCollator,  # noqa: E402
+                                  dpo_loss_inputs, dpo_sequence_logps, first_fit_decreasing, plan_batches,
+                                  sequence_positions)
+
+__all__ += [
+    "DPOCollator", "PackedBatch", "PackedBatchSampler", "PackingCollator", "PromptBuilder", "PromptTemplate", "Span",
+    "TEMPLATES", "TokenizedPair", "TokenizedSample", "Tokenizer", "build_demo_tokenizer", "dpo_loss_inputs",
+    "dpo_sequence_logps", "first_fit_decreasing", "load_tokenizer", "plan_batches", "sequence_positions",
 ]

@@ -45,6 +45,75 @@ class Segments:
         """The length of each document."""
         return [b - a for a, b in zip(self.bounds, self.bounds[1:])]
 
+    def to(self, device) -> "Segments":
+        """The same segments with the device copy of cu_seqlens on `device`."""
+        return Segments(self.cu_seqlens.to(device), self.bounds, self.max_len)
+
+
+@dataclasses.dataclass
+class AttentionLayout:
+    """Who attends to whom in a packed stream: query documents `seg_q`, key documents `seg_k`, and the gather
+    `kv_index` that builds the key/value stream from the token stream (None: keys are the tokens themselves).
+
+    With a gather, one document's keys can include another's tokens: DPO's shared-prompt packing
+    `[prompt, chosen, rejected]` gives the rejected answer the keys `[prompt, rejected]`, and the bottom-right
+    causal rule of varlen_attention then masks exactly as if `prompt + rejected` were a sequence of its own.
+    """
+
+    seg_q: Segments
+    seg_k: Segments
+    kv_index: Optional[Tensor] = None
+
+    @classmethod
+    def causal(cls, seg: Segments) -> "AttentionLayout":
+        """Each document attends causally to itself (the plain packed layout)."""
+        return cls(seg, seg, None)
+
+    @classmethod
+    def from_lengths(cls, q_lengths: Sequence[int], k_lengths: Sequence[int], kv_index, device) -> "AttentionLayout":
+        """A layout of documents with these query and key lengths, keys gathered from the tokens by kv_index."""
+        index = torch.as_tensor(kv_index, dtype=torch.long, device=device)
+        layout = cls(Segments.from_lengths(q_lengths, device), Segments.from_lengths(k_lengths, device), index)
+        layout.check(sum(q_lengths))
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= sum(q_lengths)):
+            raise ValueError(f"attention layout: kv_index entries must lie in [0, {sum(q_lengths)}), got "
+                             f"[{int(index.min())}, {int(index.max())}]")
+        return layout
+
+    def check(self, tokens: int) -> None:
+        """ValueError unless the layout fits a stream of `tokens` tokens (counts and shapes only: no device sync)."""
+        if self.seg_q.bounds[-1] != tokens:
+            raise ValueError(f"attention layout: seg_q covers {self.seg_q.bounds[-1]} tokens, the stream has {tokens}")
+        if len(self.seg_q.bounds) != len(self.seg_k.bounds):
+            raise ValueError(f"attention layout: seg_q has {len(self.seg_q.bounds) - 1} documents but seg_k has "
+                             f"{len(self.seg_k.bounds) - 1}")
+        if any(lq > lk for lq, lk in zip(self.seg_q.lengths, self.seg_k.lengths)):
+            raise ValueError(f"attention layout: a document has more queries than keys: {self.seg_q.lengths} vs "
+                             f"{self.seg_k.lengths}")
+        if self.kv_index is None:
+            if self.seg_k.bounds[-1] != tokens:
+                raise ValueError(f"attention layout: seg_k covers {self.seg_k.bounds[-1]} keys without a kv_index, "
+                                 f"the stream has {tokens} tokens")
+            return
+        if self.kv_index.dim() != 1 or self.kv_index.shape[0] != self.seg_k.bounds[-1]:
+            raise ValueError(f"attention layout: kv_index must be [{self.seg_k.bounds[-1]}] (one entry per key), "
+                             f"got shape {tuple(self.kv_index.shape)}")
+
+    def gather(self, k: Tensor, v: Tensor):
+        """The key and value streams [Tk, heads, D] from the per-token k, v [T, heads, D]."""
+        if self.kv_index is None:
+            return k, v
+        return k.index_select(0, self.kv_index), v.index_select(0, self.kv_index)
+
+    def position_offsets(self) -> list:
+        """Per document, the position of its first query: keys before the queries come first (lk - lq)."""
+        return [lk - lq for lq, lk in zip(self.seg_q.lengths, self.seg_k.lengths)]
+
+    def to(self, device) -> "AttentionLayout":
+        """The same layout with its tensors on `device`."""
+        index = None if self.kv_index is None else self.kv_index.to(device)
+        return AttentionLayout(self.seg_q.to(device), self.seg_k.to(device), index)
+
 
 @functools.lru_cache(maxsize=None)
 def flash_attn_available() -> bool:

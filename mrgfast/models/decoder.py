@@ -1,13 +1,13 @@
 """Decoder: a lean, packing-aware Llama/Qwen2/Qwen2-VL text decoder with Hugging Face module names."""
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from mrgfast.models.attention import Segments, varlen_attention
+from mrgfast.models.attention import AttentionLayout, Segments, varlen_attention
 from mrgfast.models.config import DecoderConfig
 from mrgfast.models.rope import RotaryEmbedding, apply_rope
 
@@ -41,16 +41,18 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hidden, kv_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(q_dim, hidden, bias=config.o_bias)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, seg: Segments, cache=None) -> Tensor:
-        """Attention output [T, hidden]; with a KV cache, the new keys join each sequence's cached ones."""
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, layout: AttentionLayout, cache=None) -> Tensor:
+        """Attention output [T, hidden]; keys follow `layout` (gathered when it says so), and with a KV cache the
+        new keys join each sequence's cached ones."""
         tokens = x.shape[0]
         q = apply_rope(self.q_proj(x).view(tokens, self.num_heads, self.head_dim), cos, sin)
         k = apply_rope(self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
-        seg_k = seg
+        k, v = layout.gather(k, v)
+        seg_k = layout.seg_k
         if cache is not None:
             k, v, seg_k = cache.update(self.layer_idx, k, v)
-        out = varlen_attention(q, k, v, seg, seg_k, scale=self.head_dim ** -0.5)
+        out = varlen_attention(q, k, v, layout.seg_q, seg_k, scale=self.head_dim ** -0.5)
         return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))
 
 
@@ -79,9 +81,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, seg: Segments, cache=None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, layout: AttentionLayout, cache=None) -> Tensor:
         """The block's output [T, hidden]."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, seg, cache)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layout, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -111,26 +113,32 @@ class Decoder(nn.Module):
         return self.model.embed_tokens(input_ids)
 
     def forward(self, input_ids: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None,
-                position_ids: Optional[Tensor] = None, cu_seqlens=None, cache=None) -> Tensor:
+                position_ids: Optional[Tensor] = None, cu_seqlens=None, cache=None,
+                layout: Optional[AttentionLayout] = None) -> Tensor:
         """Final normed hidden states [B, S, hidden] for input_ids [B, S] or inputs_embeds [B, S, hidden].
 
         cu_seqlens (int32, [docs + 1]) marks documents in the flattened B*S stream, which attend only within
         themselves; without it each row is one document. position_ids is [B, S] (or [3, B, S] for M-RoPE);
         by default positions restart at 0 in each document (after the cached tokens when `cache` is given).
+        `layout` (an AttentionLayout, instead of cu_seqlens; no cache) lets a document's queries attend to keys
+        gathered from elsewhere in the stream, e.g. DPO's shared prompt; default positions then start each
+        document after its extra keys.
         """
         x = self.input_embeddings(input_ids, inputs_embeds)
         batch, seq, hidden = x.shape
-        seg = self.segments(cu_seqlens, batch, seq, x.device)
-        positions = self.flat_positions(position_ids, seg, batch, seq, x.device, cache)
+        layout = self.attention_layout(cu_seqlens, layout, cache, batch, seq, x.device)
+        seg = layout.seg_q
+        offsets = cache.lengths if cache is not None else layout.position_offsets()
+        positions = self.flat_positions(position_ids, seg, batch, seq, x.device, offsets)
         cos, sin = self.rotary(positions)
         h = x.reshape(batch * seq, hidden)
         if cache is not None:
             cache.begin(seg.lengths)  # document i of this forward extends cached sequence i
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None:
-                h = checkpoint(layer, h, cos, sin, seg, use_reentrant=False)
+                h = checkpoint(layer, h, cos, sin, layout, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, seg, cache)
+                h = layer(h, cos, sin, layout, cache)
         if cache is not None:
             cache.commit()
         return self.model.norm(h).view(batch, seq, hidden)
@@ -152,6 +160,19 @@ class Decoder(nn.Module):
                              f"got shape {tuple(inputs_embeds.shape)}")
         return inputs_embeds
 
+    @classmethod
+    def attention_layout(cls, cu_seqlens, layout: Optional[AttentionLayout], cache, batch: int, seq: int,
+                         device) -> AttentionLayout:
+        """The forward's AttentionLayout: the one given (checked against the stream), or causal documents."""
+        if layout is None:
+            return AttentionLayout.causal(cls.segments(cu_seqlens, batch, seq, device))
+        if cu_seqlens is not None or cache is not None:
+            raise ValueError("Decoder: pass layout alone, without cu_seqlens or cache (the layout holds the documents)")
+        if not isinstance(layout, AttentionLayout):
+            raise ValueError(f"layout must be an AttentionLayout, got {type(layout).__name__}")
+        layout.check(batch * seq)
+        return layout.to(device)
+
     @staticmethod
     def segments(cu_seqlens, batch: int, seq: int, device) -> Segments:
         """The documents of the flattened stream: from cu_seqlens, or one per row."""
@@ -160,13 +181,13 @@ class Decoder(nn.Module):
         return Segments.from_cu_seqlens(cu_seqlens, batch * seq, device)
 
     def flat_positions(self, position_ids: Optional[Tensor], seg: Segments, batch: int, seq: int, device,
-                       cache=None) -> Tensor:
-        """Position ids of the flattened stream: [T], or [3, T] for 3-axis M-RoPE ids."""
+                       offsets: Sequence[int]) -> Tensor:
+        """Position ids of the flattened stream: [T], or [3, T] for 3-axis M-RoPE ids; by default document i
+        counts from offsets[i] (its cached tokens, or keys that precede its queries)."""
         if position_ids is None:
-            starts = torch.tensor(seg.bounds[:-1], device=device)
-            if cache is not None:
-                # Continue each sequence after its cached tokens.
-                starts = starts - torch.tensor(cache.lengths, device=device)
+            # Continue each document after the tokens it sees before its own.
+            starts = torch.tensor(seg.bounds[:-1], device=device) - torch.tensor(offsets, device=device,
+                                                                                 dtype=torch.long)
             lengths = torch.tensor(seg.lengths, device=device)
             return torch.arange(batch * seq, device=device) - starts.repeat_interleave(lengths)
         axes = position_ids.shape[:-2]
