@@ -1,5 +1,6 @@
 """Fused ops: each has a public function, a pure-PyTorch reference and per-backend kernels."""
 
+from mrgfast.ops.affine_prompt import affine_prompt, reference_affine_prompt
 from mrgfast.ops.group_tokens import GroupLayout, group_layout, group_tokens, reference_group_tokens
 from mrgfast.ops.grouped_projection import grouped_projection, reference_grouped_projection
 from mrgfast.ops.linear_cross_entropy import (
@@ -10,6 +11,7 @@ from mrgfast.ops.lora_qkv import lora_qkv_linear, reference_lora_qkv_linear
 from mrgfast.ops.sequence_logprobs import sequence_logprobs, sequence_token_counts
 
 __all__ = [
+    "affine_prompt", "reference_affine_prompt",
     "group_tokens", "group_layout", "GroupLayout", "reference_group_tokens", "grouped_projection",
     "reference_grouped_projection",
     "lora_linear", "reference_lora_linear", "lora_qkv_linear", "reference_lora_qkv_linear",
