@@ -22,3 +22,17 @@ from mrgfast.models.vit import ViT, ViT3D
 
 __all__ = ["AttentionLayout", "Decoder", "DecoderConfig", "KVCache", "Qwen2VLMerger", "Segments", "ViT", "ViT3D",
            "VisionFeatures", "VisionTower", "generate", "load_decoder", "qwen2_vl_patchify", "varlen_attention"]
+
+# Multimodal assembly, imported on first use: mrgfast.models.multimodal imports mrgfast.data.packing, which imports
+# mrgfast.models.attention, so an eager import here would be circular when mrgfast.data is imported first.
+_LAZY = {"MultimodalLM": "mrgfast.models.multimodal", "AdapterSpec": "mrgfast.models.multimodal",
+         "register_adapter": "mrgfast.models.multimodal", "FeatureCache": "mrgfast.models.feature_cache"}
+__all__ += sorted(_LAZY)
+
+
+def __getattr__(name):
+    """MultimodalLM, AdapterSpec, register_adapter and FeatureCache, imported when first asked for."""
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'mrgfast.models' has no attribute {name!r}")
