@@ -25,38 +25,86 @@ def require(condition: bool, message: str) -> None:
 
 @dataclass
 class ModelSection:
-    """Which model to build and how: checkpoints by path, dtype, activation checkpointing."""
+    """Which model to build and how: checkpoints by path (or tiny sizes for the synthetic twin), adapters, dtype."""
 
     recipe: Literal["demo", "pefomed", "mrgllm_promptwise", "mrgllm_promptbook", "ldp", "rad3d_prefix"] = "demo"
     name_or_path: Optional[str] = None          # decoder checkpoint directory (HF layout); None: built from sizes
-    vision_name_or_path: Optional[str] = None   # vision tower / 3D encoder checkpoint
-    init_from: Optional[str] = None             # a previous stage's checkpoint or adapter to start from
+    vision_name_or_path: Optional[str] = None   # HF vision tower, or a demo ViT dir (vit_config.json); None: a ViT
+                                                # built from the vision_* sizes
+    tokenizer_path: Optional[str] = None        # None: name_or_path's tokenizer, else the demo tokenizer (synthetic)
+    init_from: Optional[str] = None             # a previous stage's checkpoint (step-XXXXXX) or adapter to start from
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     activation_checkpointing: bool = False
     group_size: int = 4                         # PeFoMed: consecutive vision tokens concatenated into one
+    # Decoder sizes when name_or_path is None (the synthetic twin trains from random or demo-pretrained weights).
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    # Vision encoder sizes when vision_name_or_path is None: a ViT (2D) or ViT3D (rad3d) over the synthetic images.
+    vision_dim: int = 32
+    vision_depth: int = 1
+    vision_heads: int = 2
+    patch_size: int = 8
+    train_vision: bool = False                  # MRG-LLM trains its vision encoder; the others freeze it
+    # MRG-LLM prompts and RAD3D prefix (sizes unconfirmed by the papers: configurable).
+    n_prompts: int = 4
+    book_size: int = 1                          # 1: prompt-wise; > 1: promptbook-wise bank of prompt sets
+    n_prefix: int = 10
+    mapper_layers: int = 8
+    n_labels: int = 18                          # RAD3D classifier outputs (CT-RATE has 18 abnormalities)
 
     def __post_init__(self):
         require(self.group_size >= 1, f"group_size must be >= 1, got {self.group_size}")
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "vision_dim", "vision_depth", "vision_heads", "patch_size", "n_prompts",
+                     "book_size", "n_prefix", "mapper_layers", "n_labels"):
+            require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        require(self.num_attention_heads % self.num_key_value_heads == 0,
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
+                f"({self.num_key_value_heads})")
 
 
 @dataclass
 class DataSection:
     """Where the samples come from and how they are packed into batches."""
 
-    dataset: str = "synthetic_cxr"
-    path: Optional[str] = None                  # annotation file / data root; None: the synthetic twin
+    dataset: Literal["synthetic", "iu_xray", "mimic_cxr", "vqa_rad", "slake", "captions", "preference",
+                     "ct_rate"] = "synthetic"
+    path: Optional[str] = None                  # annotation / questions / JSONL / reports CSV; synthetic: a generated
+                                                # root (default: generated under cache_dir)
+    image_dir: Optional[str] = None             # images or volumes root (default: the reader's own default)
+    labels_path: Optional[str] = None           # ct_rate: the multi-label CSV
+    split: str = "train"
     task: Literal["report", "vqa", "caption"] = "report"
-    token_budget: int = 2048                    # tokens per packed micro-batch (fixed: CUDA graphs need it)
-    max_length: int = 512                       # longest sample, in tokens
+    token_budget: int = 2048                    # tokens per packed row (fixed: CUDA graphs need it)
+    rows: int = 1                               # packed rows per micro-batch
+    max_length: int = 512                       # longest sample, in tokens (a longer one is an error naming it)
+    image_size: Optional[int] = None            # None: the vision tower's own size (synthetic: synthetic_size)
     num_workers: int = 0
     shuffle: bool = True
     skip_bad_samples: bool = False
+    # The synthetic twin (dataset: synthetic): generated once into cache_dir, keyed by its settings.
+    cache_dir: str = ".cache/mrgfast"
+    synthetic_n: int = 300
+    synthetic_size: int = 128
+    synthetic_volumes: int = 60
+    synthetic_volume_size: int = 32
 
     def __post_init__(self):
         require(self.token_budget >= 1, f"token_budget must be >= 1, got {self.token_budget}")
         require(1 <= self.max_length <= self.token_budget,
                 f"max_length must be in [1, token_budget={self.token_budget}], got {self.max_length}")
+        require(self.rows >= 1, f"rows must be >= 1, got {self.rows}")
         require(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
+        require(self.dataset == "synthetic" or self.path is not None,
+                f"dataset {self.dataset!r} needs data.path (the annotation / question / JSONL / CSV file)")
+        require(self.image_size is None or self.image_size >= 1, f"image_size must be >= 1, got {self.image_size}")
+        require(self.synthetic_n >= 3, f"synthetic_n must be >= 3, got {self.synthetic_n}")
+        require(self.synthetic_size >= 32, f"synthetic_size must be >= 32, got {self.synthetic_size}")
+        require(self.synthetic_volume_size >= 8,
+                f"synthetic_volume_size must be >= 8, got {self.synthetic_volume_size}")
 
 
 @dataclass
@@ -144,6 +192,7 @@ class DPOSection:
     label_smoothing: float = 0.0
     reference: Literal["disabled_adapters", "precomputed"] = "disabled_adapters"
     reference_logps_path: Optional[str] = None  # precomputed: where the first pass writes / training reads them
+    layout: Literal["shared", "padded"] = "shared"  # shared: each prompt packed once; padded: TRL's two rows
 
     def __post_init__(self):
         check_dpo_args(self.loss_type, self.beta, self.label_smoothing)
@@ -199,7 +248,9 @@ class TrainConfig:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     resume: str = "auto"                        # auto: latest checkpoint in output_dir if any; none; or a path
-    cuda_graphs: bool = True                    # on CUDA with fixed token-budget packing
+    # Capture forward + backward + AdamW in one CUDA graph, replayed while a step's packing layout repeats (off by
+    # default until the capture is verified on a GPU: tests/gpu/test_train_cuda_graph_gpu.py).
+    cuda_graphs: bool = False
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     lora: LoraSection = field(default_factory=LoraSection)

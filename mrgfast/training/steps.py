@@ -1,0 +1,204 @@
+"""The training step: forward, fused loss normalised over the whole accumulated batch, backward, clip, AdamW.
+
+Everything here is free of host synchronisation (the loop prepares batches and normalisers on the host first),
+so `train_step` can be captured in a CUDA graph; a CPU test runs it under sync_guard.no_host_sync.
+"""
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from mrgfast.data.packing import IGNORE_INDEX, PackedBatch, dpo_loss_inputs, dpo_sequence_logps
+from mrgfast.losses.fused_dpo import fused_dpo_loss
+from mrgfast.models.attention import AttentionLayout, Segments
+from mrgfast.ops.linear_cross_entropy import linear_cross_entropy
+from mrgfast.peft import disable_adapters
+from mrgfast.peft.state import get_lora_state
+from mrgfast.training.distributed import gradient_sync
+from mrgfast.training.fsdp import average_gradients
+
+DPO_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+               "logps/rejected")
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch on the device with what the step needs besides it: its share of the global normaliser
+    (`weight`), the token count (SFT) and the precomputed reference log-probs (DPO, or None)."""
+
+    batch: PackedBatch
+    num_items: Tensor                 # SFT: supervised tokens of the whole global batch (all micro-batches, ranks)
+    weight: Tensor                    # DPO: pairs here / pairs in the global batch
+    ref_logps: Optional[Tensor] = None
+
+
+@dataclass
+class StepSettings:
+    """Static settings of the step."""
+
+    mode: str = "sft"
+    world_size: int = 1
+    max_grad_norm: Optional[float] = 1.0
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    autocast_dtype: Optional[torch.dtype] = None
+    average_gradients: bool = False   # FSDP2 here keeps trainables unsharded: their gradients are averaged by hand
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper (FSDP2 modules are their own model)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def head(model: nn.Module) -> tuple:
+    """(weight, bias) of the decoder's LM head."""
+    lm_head = unwrap(model).decoder.lm_head
+    return lm_head.weight, lm_head.bias
+
+
+def supervised_tokens(batch: PackedBatch) -> int:
+    """Supervised (labelled) tokens of a host-side batch."""
+    return int((batch.labels != IGNORE_INDEX).sum())
+
+
+def pair_count(batch: PackedBatch) -> int:
+    """Preference pairs of a host-side DPO batch."""
+    return (batch.dpo_cu_seqlens.numel() - 1) // 2
+
+
+def prepare(batch: PackedBatch, device: torch.device) -> PackedBatch:
+    """The batch on `device` with its attention layout built on the host first (the decoder would otherwise
+    read cu_seqlens back from the device inside the step)."""
+    if batch.layout is None:
+        total = batch.input_ids.numel()
+        batch.layout = AttentionLayout.causal(Segments.from_cu_seqlens(batch.cu_seqlens, total, "cpu"))
+    return batch.to(device)
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    """bf16 autocast on CUDA when asked; a no-op context otherwise (fp32 on CPU)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def sft_loss(model: nn.Module, micro: MicroBatch) -> Tensor:
+    """Summed token cross-entropy of the micro-batch divided by the global batch's token count (fused head)."""
+    hidden = model(micro.batch)
+    weight, bias = head(model)
+    flat = hidden.reshape(-1, hidden.shape[-1]).to(weight.dtype)
+    return linear_cross_entropy(flat, weight, micro.batch.labels.reshape(-1), bias,
+                                num_items_in_batch=micro.num_items)
+
+
+def dpo_loss(model: nn.Module, micro: MicroBatch, settings: StepSettings) -> tuple:
+    """(DPO loss weighted by this micro-batch's share of the global pairs, metrics) from the fused head; the
+    reference is precomputed or the same model with its adapters disabled."""
+    hidden = model(micro.batch)
+    weight, bias = head(model)
+    ref_hidden = None
+    if micro.ref_logps is None:
+        core = unwrap(model)
+        with torch.no_grad(), disable_adapters(core.decoder):
+            ref_hidden = core(micro.batch)
+    inputs = dpo_loss_inputs(micro.batch, hidden.to(weight.dtype),
+                             None if ref_hidden is None else ref_hidden.to(weight.dtype))
+    loss, metrics = fused_dpo_loss(**inputs, weight=weight, bias=bias, ref_logps=micro.ref_logps,
+                                   beta=settings.beta, loss_type=settings.loss_type,
+                                   label_smoothing=settings.label_smoothing)
+    return loss * micro.weight, {k: metrics[k].detach() * micro.weight for k in DPO_METRICS}
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micros: Sequence[MicroBatch],
+               settings: StepSettings, params: Sequence[Tensor], static_grads: bool = False) -> dict:
+    """One optimizer step over the accumulated micro-batches; returns device tensors (loss, grad_norm, DPO metrics).
+
+    Each micro-batch's loss is already divided by the global batch's normaliser, so the summed gradients equal
+    one big batch's; under DDP the gradients are averaged over ranks, hence the world_size factor.
+    """
+    device = params[0].device
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    sums: dict = {}
+    last = len(micros) - 1
+    for i, micro in enumerate(micros):
+        with gradient_sync(model, enabled=i == last), autocast(device, settings.autocast_dtype):
+            if settings.mode == "sft":
+                loss, metrics = sft_loss(model, micro), {}
+            else:
+                loss, metrics = dpo_loss(model, micro, settings)
+            (loss * settings.world_size).backward()
+        total = total + loss.detach().float()
+        for key, value in metrics.items():
+            sums[key] = sums.get(key, 0) + value.float()
+    out = {"loss": total, **sums}
+    if settings.average_gradients:
+        average_gradients(params, settings.world_size)
+    if settings.max_grad_norm is not None:
+        out["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+    optimizer.step()
+    # Kept allocated (zeros) for a captured graph, whose gradient buffers must stay put; freed otherwise.
+    optimizer.zero_grad(set_to_none=not static_grads)
+    return out
+
+
+# ------------------------------------------------------------------------------ precomputed DPO reference
+
+def reference_context(model: nn.Module):
+    """The reference model: adapters disabled when the decoder has LoRA, else the model as it is now."""
+    if get_lora_state(model.decoder) is not None:
+        return disable_adapters(model.decoder)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def precompute_reference_logps(model: nn.Module, batches, device: torch.device,
+                               autocast_dtype: Optional[torch.dtype] = None) -> dict:
+    """{sample id: [chosen, rejected] summed reference log-probs} over DPO batches (a first pass, eval mode)."""
+    was_training = model.training
+    model.eval()
+    out = {}
+    try:
+        with reference_context(model):
+            for batch in batches:
+                batch = prepare(batch, device)
+                with autocast(device, autocast_dtype):
+                    hidden = model(batch)
+                weight, bias = model.decoder.lm_head.weight, model.decoder.lm_head.bias
+                chosen, rejected = dpo_sequence_logps(batch, hidden.to(weight.dtype), weight, bias)
+                ids = batch.sample_ids[:chosen.shape[0]]  # padded layout lists each pair's id twice
+                for sample_id, c, r in zip(ids, chosen.cpu(), rejected.cpu()):
+                    out[str(sample_id)] = torch.stack([c, r]).float()
+    finally:
+        model.train(was_training)
+    return out
+
+
+def save_reference_logps(logps: dict, path: Path) -> None:
+    """Write reference log-probs keyed by sample id as safetensors (atomically)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.contiguous() for k, v in logps.items()}, str(temp), metadata={"format": "pt"})
+    temp.replace(path)
+
+
+def load_reference_logps(path: Path) -> dict:
+    """Reference log-probs written by save_reference_logps."""
+    return load_file(str(path), device="cpu")
+
+
+def batch_reference_logps(logps: dict, batch: PackedBatch, source: Path) -> Tensor:
+    """[2P] reference log-probs (chosen then rejected) for a host-side DPO batch; ValueError naming a missing id."""
+    pairs = pair_count(batch)
+    ids = [str(i) for i in batch.sample_ids[:pairs]]
+    missing = [i for i in ids if i not in logps]
+    if missing:
+        raise ValueError(f"{source}: no reference log-probs for sample id {missing[0]!r}; delete the file to "
+                         "recompute them for this dataset")
+    both = torch.stack([logps[i] for i in ids])
+    return torch.cat([both[:, 0], both[:, 1]])
