@@ -1,0 +1,196 @@
+"""The embedded demo, end to end: pretrain (cached) -> untrained baseline -> PEFT SFT -> eval -> DPO -> eval -> table.
+
+`python -m mrgfast.train` (no arguments) and `python -m mrgfast.demo [demo.fast=true] [demo.output_dir=...]` run it.
+The SFT stage is the PeFoMed path the engine exists for: the pretrained decoder frozen, LoRA on q_proj/v_proj and
+a trainable TokenGroupProjector over the frozen ViT's patch features, trained by `mrgfast.train.train` from
+`configs/demo.yaml`; DPO then starts from the SFT checkpoint on the synthetic preference pairs.
+"""
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from mrgfast.demo.base_models import FAST_SETTINGS, BaseModels, BaseModelSettings, prepare_base_models
+from mrgfast.evaluate import evaluate_model, prepare_eval, summary_table
+from mrgfast.metrics import write_eval_json
+
+DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+TARGETS = {"report/BLEU_4": 0.3, "clinical/macro_f1": 0.7}
+
+
+@dataclasses.dataclass
+class DemoOptions:
+    """What `demo.<key>=value` arguments set: where to write, the seed, stage lengths, evaluation size."""
+
+    output_dir: str = "runs/demo"
+    cache_dir: str = ".cache/mrgfast/demo"
+    seed: int = 0
+    fast: bool = False               # tiny settings for tests: seconds, not minutes
+    rows: int = 2                    # packed rows per micro-batch (about 5 reports each)
+    sft_steps: int = 500
+    sft_lr: float = 5e-3
+    dpo_steps: int = 60
+    dpo_lr: float = 1e-3
+    dpo_beta: float = 0.5
+    eval_limit: Optional[int] = None  # evaluate the first N test samples (None: all)
+    max_new_tokens: int = 60
+    meteor: bool = True
+    # The demo's matmuls are tiny: splitting each op over threads costs more than it gains (and on shared cores a
+    # thread waiting for its sibling stalls every op), so one intra-op thread is the fast setting here.
+    threads: int = 1
+
+    def resolved(self) -> "DemoOptions":
+        """These options, shrunk to seconds when `fast`."""
+        if not self.fast:
+            return self
+        return dataclasses.replace(self, sft_steps=min(self.sft_steps, 3), dpo_steps=min(self.dpo_steps, 2),
+                                   eval_limit=min(self.eval_limit or 4, 4), max_new_tokens=min(self.max_new_tokens, 8),
+                                   meteor=False)
+
+
+def parse_options(argv: Sequence[str]) -> DemoOptions:
+    """DemoOptions from `demo.key=value` arguments; unknown keys and bad values raise ValueError naming them."""
+    fields = {f.name: f for f in dataclasses.fields(DemoOptions)}
+    values = {}
+    for item in argv:
+        key, sep, text = item.partition("=")
+        name = key.lstrip("-").removeprefix("demo.")
+        if not sep or name not in fields:
+            raise ValueError(f"demo argument {item!r}: expected demo.<key>=value with key one of {sorted(fields)}")
+        default = getattr(DemoOptions, name)
+        try:
+            if isinstance(default, bool):
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError("expected true or false")
+                values[name] = text.lower() in ("true", "1")
+            elif text.lower() in ("none", "null") and name == "eval_limit":
+                values[name] = None
+            else:
+                values[name] = type(default)(text) if default is not None else int(text)
+        except ValueError as err:
+            raise ValueError(f"demo argument {item!r}: bad value for {name} ({err})") from None
+    return DemoOptions(**values)
+
+
+def stage_config(base: BaseModels, options: DemoOptions, mode: str, output_dir: Path, init_from=None):
+    """The TrainConfig of one demo stage: configs/demo.yaml pointed at the pretrained models and data."""
+    from mrgfast.training.config import load_config
+    overrides = [f"mode={mode}", f"output_dir={output_dir}", f"seed={options.seed}", "resume=none",
+                 f"model.name_or_path={base.decoder_dir}", f"model.vision_name_or_path={base.vision_dir}",
+                 f"model.group_size={base.settings.group}", "data.dataset=synthetic", f"data.path={base.data_dir}",
+                 "data.split=train", f"data.rows={options.rows}", "telemetry.progress_bar=false",
+                 "telemetry.tensorboard=false"]
+    if mode == "sft":
+        steps, lr = options.sft_steps, options.sft_lr
+    else:
+        steps, lr = options.dpo_steps, options.dpo_lr
+        # The reference is the SFT model itself (DPO's pi_ref = pi_SFT): its log-probs are computed once by
+        # sft_reference_logps and read from this file, rather than the base model with the adapters off.
+        overrides += [f"dpo.beta={options.dpo_beta}", f"model.init_from={init_from}", "dpo.reference=precomputed",
+                      f"dpo.reference_logps_path={output_dir / 'reference_logps.safetensors'}"]
+    warmup = max(0, min(steps // 10, 20))
+    overrides += [f"schedule.max_steps={steps}", f"schedule.warmup_steps={warmup}", f"optim.lr={lr}",
+                  f"checkpoint.every_steps={steps}", f"telemetry.log_every={max(1, steps // 10)}"]
+    return load_config(DEMO_CONFIG if DEMO_CONFIG.is_file() else None, overrides)
+
+
+@torch.no_grad()
+def sft_reference_logps(config) -> Path:
+    """Write DPO's reference log-probs ({pair id: [chosen, rejected]}) from the SFT model with its adapters on, where
+    the trainer's `dpo.reference=precomputed` reads them; returns the file."""
+    from mrgfast.data.packing import PackedBatchSampler, dpo_sequence_logps
+    from mrgfast.training.build import build_all
+    from mrgfast.training.steps import prepare, save_reference_logps
+    device = torch.device("cpu")
+    pieces = build_all(config, device)
+    model = pieces.model.eval()
+    packed = pieces.packed
+    order = PackedBatchSampler(packed.lengths, packed.budget, packed.rows, seed=config.seed, shuffle=False)
+    head = model.decoder.lm_head
+    logps = {}
+    for group in order.batches():
+        batch = prepare(pieces.collator([pieces.dataset[i] for i in group]), device)
+        chosen, rejected = dpo_sequence_logps(batch, model(batch), head.weight, head.bias)
+        for sample_id, c, r in zip(batch.sample_ids[:chosen.shape[0]], chosen, rejected):
+            logps[str(sample_id)] = torch.stack([c, r]).float()
+    path = Path(config.dpo.reference_logps_path)
+    save_reference_logps(logps, path)
+    return path
+
+
+def evaluate_stage(config, options: DemoOptions, checkpoint, name: str, output_dir: Path) -> dict:
+    """Metrics of the model `config` builds, with `checkpoint`'s weights (None: adapters at init), on the test split."""
+    model, tokenizer, builder, image_config, samples = prepare_eval(config, "test", checkpoint)
+    if options.eval_limit is not None:
+        samples = samples[:options.eval_limit]
+    return evaluate_model(model, tokenizer, samples, builder, image_config, num_beams=1,
+                          max_new_tokens=options.max_new_tokens, meteor=options.meteor, output_dir=output_dir,
+                          name=name)
+
+
+def run_demo(options: DemoOptions, settings: Optional[BaseModelSettings] = None) -> dict:
+    """Run every stage; returns what eval.json holds (metrics per run, targets, timings, paths)."""
+    from mrgfast.train import train
+    options = options.resolved()
+    torch.set_num_threads(options.threads)
+    settings = settings if settings is not None else (FAST_SETTINGS if options.fast else BaseModelSettings())
+    out = Path(options.output_dir)
+    timings, start = {}, time.perf_counter()
+    base = prepare_base_models(options.cache_dir, options.seed, settings)
+    timings["pretrain_s"] = time.perf_counter() - start
+
+    sft_config = stage_config(base, options, "sft", out / "sft")
+    mark = time.perf_counter()
+    results = {"untrained": evaluate_stage(sft_config, options, None, "untrained", out)}
+    sft = train(sft_config)
+    timings["sft_s"] = time.perf_counter() - mark
+    print(f"[demo] SFT: {sft.step} steps, last logged {fmt(sft.metrics)} -> {sft.checkpoint}")
+    results["sft"] = evaluate_stage(sft_config, options, sft.checkpoint, "sft", out)
+
+    mark = time.perf_counter()
+    dpo_config = stage_config(base, options, "dpo", out / "dpo", init_from=sft.checkpoint)
+    sft_reference_logps(dpo_config)
+    dpo = train(dpo_config)
+    print(f"[demo] DPO: {dpo.step} steps, last logged {fmt(dpo.metrics)} -> {dpo.checkpoint}")
+    results["dpo"] = evaluate_stage(dpo_config, options, dpo.checkpoint, "dpo", out)
+    timings["dpo_s"] = time.perf_counter() - mark
+    timings["total_s"] = time.perf_counter() - start
+
+    summary = {"runs": results, "targets": TARGETS, "timings": timings, "pretraining": base.stats,
+               "checkpoints": {"sft": str(sft.checkpoint), "dpo": str(dpo.checkpoint)},
+               "base_models": {"decoder": str(base.decoder_dir), "vision": str(base.vision_dir),
+                               "data": str(base.data_dir)}}
+    write_eval_json(out / "eval.json", summary)
+    print(summary_table(results))
+    for metric, target in TARGETS.items():
+        section, key = metric.split("/")
+        values = {run: results[run].get(section, {}).get(key) for run in ("sft", "dpo")}
+        shown = ", ".join(f"{run} {value:.4f}" for run, value in values.items() if value is not None)
+        print(f"[demo] {metric}: {shown or 'not computed'} (target >= {target})")
+    rates = [results[r].get("hallucination", {}).get("rate") for r in ("sft", "dpo")]
+    if None not in rates:
+        print(f"[demo] hallucination rate: SFT {rates[0]:.4f} -> DPO {rates[1]:.4f}")
+    print(f"[demo] total {timings['total_s']:.0f}s; wrote {out / 'eval.json'}")
+    return summary
+
+
+def fmt(metrics: dict) -> str:
+    """A short text of a few logged training metrics."""
+    keys = ("loss", "rewards/accuracies", "rewards/margins", "tokens_per_s")
+    return ", ".join(f"{k}={metrics[k]:.4g}" for k in keys if isinstance(metrics.get(k), (int, float))) or "-"
+
+
+def main(argv=None) -> int:
+    """Command-line entry of the demo."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        options = parse_options(argv)
+    except ValueError as err:
+        print(f"mrgfast.demo: {err}", file=sys.stderr)
+        return 2
+    run_demo(options)
+    return 0

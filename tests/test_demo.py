@@ -1,0 +1,161 @@
+"""The embedded demo: base-model pretraining writes loadable models (checked against transformers' Llama), the cache
+is keyed by the settings, and the whole pipeline (pretrain -> SFT -> eval -> DPO -> eval) runs with tiny settings."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from mrgfast.data import load_tokenizer
+from mrgfast.demo import base_models
+from mrgfast.demo.base_models import FAST_SETTINGS, load_demo_vit, prepare_base_models
+from mrgfast.demo.run import DemoOptions, parse_options, run_demo
+from mrgfast.models import load_decoder
+
+RUNS = ("untrained", "sft", "dpo")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two shared cores: one intra-op thread keeps the tiny runs fast."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """One fast demo run (its cache and output directories, what it returned, what it printed)."""
+    root = tmp_path_factory.mktemp("demo")
+    options = DemoOptions(fast=True, output_dir=str(root / "out"), cache_dir=str(root / "cache"))
+    summary = run_demo(options)
+    return dict(root=root, options=options, summary=summary)
+
+
+def test_fast_demo_writes_eval_json_with_every_run(demo):
+    """eval.json holds the untrained, SFT and DPO metrics, the targets, timings and the checkpoints."""
+    written = json.loads((demo["root"] / "out" / "eval.json").read_text())
+    assert set(written["runs"]) == set(RUNS)
+    for run in RUNS:
+        metrics = written["runs"][run]
+        assert {"report", "clinical", "hallucination", "generation"} <= set(metrics)
+        assert (demo["root"] / "out" / f"{run}.generations.jsonl").is_file()
+    assert written["targets"] == {"report/BLEU_4": 0.3, "clinical/macro_f1": 0.7}
+    assert written["timings"]["total_s"] > 0
+    for stage in ("sft", "dpo"):
+        assert (demo["root"] / "out" / stage / "config.yaml").is_file()
+    assert written["checkpoints"]["sft"].endswith("step-000003")
+
+
+def test_dpo_reference_is_the_sft_model(demo):
+    """DPO reads reference log-probs of every training pair, computed from the SFT model (finite, one chosen and
+    one rejected log-prob each, and not the same for the two answers)."""
+    from safetensors.torch import load_file
+    from mrgfast.data.synthetic import demo_samples
+    out = demo["root"] / "out" / "dpo"
+    config = (out / "config.yaml").read_text()
+    assert "reference: precomputed" in config and "init_from:" in config
+    logps = load_file(str(out / "reference_logps.safetensors"))
+    base = prepare_base_models(demo["options"].cache_dir, demo["options"].seed, FAST_SETTINGS, log=lambda _: None)
+    pairs = demo_samples(base.data_dir, "preference", "train")
+    assert len(logps) == len(pairs)
+    values = torch.stack(list(logps.values()))
+    assert values.shape == (len(pairs), 2) and torch.isfinite(values).all() and (values < 0).all()
+    assert not torch.equal(values[:, 0], values[:, 1])
+
+
+def test_base_models_load_and_match_transformers_llama(demo):
+    """The decoder directory loads with load_decoder, and transformers' LlamaForCausalLM computes the same logits."""
+    transformers = pytest.importorskip("transformers")
+    base = prepare_base_models(demo["options"].cache_dir, demo["options"].seed, FAST_SETTINGS, log=lambda _: None)
+    decoder = load_decoder(base.decoder_dir)
+    tokenizer = load_tokenizer(base.decoder_dir)
+    ids = torch.tensor([tokenizer.encode("the heart size is normal . no pneumothorax .")])
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(base.decoder_dir)).eval()
+    with torch.no_grad():
+        ours = decoder.compute_logits(decoder(input_ids=ids))
+        theirs = hf(input_ids=ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    assert decoder.config.vocab_size == tokenizer.vocab_size
+
+
+def test_vit_round_trip_and_bad_directory(demo, tmp_path):
+    """load_demo_vit rebuilds the saved ViT (same features) with its image config; a wrong directory raises."""
+    base = prepare_base_models(demo["options"].cache_dir, demo["options"].seed, FAST_SETTINGS, log=lambda _: None)
+    vit, image_config, config = load_demo_vit(base.vision_dir)
+    fresh = base_models.build_vit(FAST_SETTINGS)
+    fresh.load_state_dict(vit.state_dict())
+    images = torch.randn(2, 1, FAST_SETTINGS.vit_input, FAST_SETTINGS.vit_input)
+    torch.testing.assert_close(vit(images).features, fresh.eval()(images).features)
+    assert image_config.size == FAST_SETTINGS.vit_input and image_config.channels == 1
+    assert config["image_tokens"] == FAST_SETTINGS.image_tokens
+    assert not any(p.requires_grad for p in vit.parameters())
+    with pytest.raises(FileNotFoundError, match="vit_config.json"):
+        load_demo_vit(tmp_path)
+    (tmp_path / "vit_config.json").write_text(json.dumps({"model_type": "other"}))
+    with pytest.raises(ValueError, match="mrgfast_vit"):
+        load_demo_vit(tmp_path)
+
+
+def test_cache_is_reused_and_keyed_by_settings(demo):
+    """A second call with the same settings trains nothing; other settings get another directory."""
+    messages = []
+    base = prepare_base_models(demo["options"].cache_dir, demo["options"].seed, FAST_SETTINGS, log=messages.append)
+    assert messages == [f"[demo] base models cached in {base.root}"]
+    assert base.stats == json.loads((base.root / "done.json").read_text())["stats"]
+    other = dataclasses.replace(FAST_SETTINGS, lm_steps=FAST_SETTINGS.lm_steps + 1)
+    assert other.key(0) != FAST_SETTINGS.key(0) and FAST_SETTINGS.key(0) != FAST_SETTINGS.key(1)
+
+
+def test_options_parse_and_reject_unknown_keys():
+    """demo.<key>=value arguments set DemoOptions; unknown keys and bad values raise naming them."""
+    options = parse_options(["demo.fast=true", "demo.sft_steps=7", "demo.eval_limit=none", "demo.output_dir=x"])
+    assert options.fast and options.sft_steps == 7 and options.eval_limit is None and options.output_dir == "x"
+    resolved = options.resolved()
+    assert resolved.sft_steps == 3 and not resolved.meteor
+    with pytest.raises(ValueError, match="demo.nope=1"):
+        parse_options(["demo.nope=1"])
+    with pytest.raises(ValueError, match="sft_steps"):
+        parse_options(["demo.sft_steps=many"])
+    with pytest.raises(ValueError, match="true or false"):
+        parse_options(["demo.fast=maybe"])
+
+
+def test_settings_must_be_base_model_settings(tmp_path):
+    """A settings object of the wrong type is refused before anything is written."""
+    with pytest.raises(TypeError, match="BaseModelSettings"):
+        prepare_base_models(tmp_path, 0, settings={"n_studies": 3})
+    assert not any(tmp_path.iterdir())
+
+
+def test_hint_lands_inside_the_first_image_slot(demo):
+    """The pretraining hint replaces placeholder ids inside the first image span only, at any offset; the prompt
+    text and the answer stay as the builder made them."""
+    import numpy as np
+    from mrgfast.data import PromptBuilder
+    base = prepare_base_models(demo["options"].cache_dir, demo["options"].seed, FAST_SETTINGS, log=lambda _: None)
+    tokenizer = load_tokenizer(base.decoder_dir)
+    builder = PromptBuilder(tokenizer, "pefomed", image_tokens=[4, 4])
+    sample = builder.encode("Describe the image.", "no pneumothorax .")
+    hint = tokenizer.encode("left lung nodule")[:3]
+    span = sample.spans[0]
+    offsets = set()
+    for seed in range(20):
+        hinted = base_models.with_hint(sample, hint, np.random.default_rng(seed))
+        changed = [i for i, (a, b) in enumerate(zip(sample.input_ids, hinted.input_ids)) if a != b]
+        assert changed and span.start <= changed[0] and changed[-1] < span.start + span.length
+        assert hinted.label_mask == sample.label_mask and len(hinted) == len(sample)
+        offsets.add(changed[0])
+    assert len(offsets) > 1
+
+
+def test_rendered_views_targets_follow_the_findings():
+    """Rendered pretraining studies: frontal targets are the study's labels, laterals keep only the unsided ones."""
+    settings = FAST_SETTINGS
+    pixels, frontal, lateral, mask = base_models.rendered_views(6, 0, settings, base_models.demo_image_config(settings))
+    assert pixels.shape == (6, 2, 1, settings.vit_input, settings.vit_input)
+    assert torch.equal(lateral, frontal * mask)
+    assert [name for name, m in zip(base_models.VIT_TARGETS, mask) if m] == list(base_models.LATERAL_TARGETS)
+    assert torch.equal(frontal[:, 5], frontal[:, 1].maximum(frontal[:, 2]))  # effusion = left or right
