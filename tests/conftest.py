@@ -74,6 +74,16 @@ class ToyModel(nn.Module):
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread for tiny end-to-end runs: on 2 shared cores every small op otherwise waits for its
+    sibling thread (runs were ~5-20x slower), and one thread keeps reductions in a fixed order."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def toy_model():
     """A fresh ToyModel with fixed random weights, in eval mode."""
     torch.manual_seed(0)

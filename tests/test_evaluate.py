@@ -28,13 +28,7 @@ VQA_KEYS = {"overall", "closed", "open", "n_overall", "n_closed", "n_open"}
 IMAGE = ImageConfig(size=16, mean=(0.5,), std=(0.25,), channels=1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two shared cores: one intra-op thread keeps these tiny models fast."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

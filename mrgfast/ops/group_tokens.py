@@ -65,6 +65,14 @@ class GroupLayout:
         """Whether grouping is a plain reshape of contiguous x (1d or 1 x 1 blocks, no padding)."""
         return not self.padded and (self.height == 1 or self.group == 1)
 
+    def forward_buffers(self, x: Tensor, normalize: bool, with_output: bool = True):
+        """Empty (z [B, groups, group*D] or None, mean [B*N] fp32 or None, rstd [B*N] fp32 or None) that the
+        native norm+gather kernels fill."""
+        z = x.new_empty(self.batch, self.groups, self.group * self.dim) if with_output else None
+        mean, rstd = (x.new_empty(self.batch * self.tokens, dtype=torch.float32) if normalize else None
+                      for _ in range(2))
+        return z, mean, rstd
+
     def kernel_sizes(self) -> tuple[int, int, int, int, int, int]:
         """(batch, height, width, block_h, block_w, dim): the layout as every kernel takes it."""
         return self.batch, self.height, self.width, self.block_h, self.block_w, self.dim

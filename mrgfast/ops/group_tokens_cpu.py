@@ -12,14 +12,11 @@ def normalize_group(x: Tensor, layout, gamma: Optional[Tensor], beta: Optional[T
                     normalize: bool, with_output: bool = True):
     """(z [B, groups, group*D] or None, mean [B*N] or None, rstd [B*N] or None): LayerNorm (if normalize)
     and grouping in one pass that writes each grouped row once; statistics are fp32."""
-    code = dtype_code(x, "x")
-    z = x.new_empty(layout.batch, layout.groups, layout.group * layout.dim) if with_output else None
-    stats = [x.new_empty(layout.batch * layout.tokens, dtype=torch.float32) if normalize else None
-             for _ in range(2)]
+    z, mean, rstd = layout.forward_buffers(x, normalize, with_output)
     native_module().group_tokens_forward_cpu(
-        address(x), address(z), address(stats[0]), address(stats[1]), address(gamma), address(beta),
-        *layout.kernel_sizes(), float(eps), bool(normalize), code, cpu_threads())
-    return z, stats[0], stats[1]
+        address(x), address(z), address(mean), address(rstd), address(gamma), address(beta),
+        *layout.kernel_sizes(), float(eps), bool(normalize), dtype_code(x, "x"), cpu_threads())
+    return z, mean, rstd
 
 
 def ungroup_backward(grad_z: Tensor, x: Optional[Tensor], layout, mean: Optional[Tensor], rstd: Optional[Tensor],

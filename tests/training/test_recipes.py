@@ -17,13 +17,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 RECIPES = ["demo", "pefomed_stage1", "mrgllm_promptwise", "mrgllm_promptbook", "ldp_sft", "rad3d_prefix"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two shared cores: one intra-op thread keeps these tiny runs fast."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -35,13 +35,7 @@ def tiny_overrides(cache: Path) -> list:
             "telemetry.progress_bar=false", "telemetry.tensorboard=false", "telemetry.log_every=1", "resume=none"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two shared cores: one intra-op thread keeps these tiny runs fast and deterministic."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
