@@ -90,8 +90,9 @@ def run(config: TrainConfig, ctx, on_step) -> TrainResult:
                           tensorboard=config.telemetry.tensorboard, progress_bar=config.telemetry.progress_bar,
                           gpu_sample_interval_s=config.telemetry.gpu_sample_interval_s)
     guard = NonFiniteGuard(device)
+    static_shapes = config.cuda_graphs and device.type == "cuda"  # a captured graph replays fixed shapes
     runner = StepRunner(lambda micros: train_step(model, optimizer, micros, settings, params,
-                                                  static_grads=config.cuda_graphs and device.type == "cuda"),
+                                                  static_grads=static_shapes),
                         device, enabled=config.cuda_graphs)
     history, metrics, last_ckpt, stopped = [], {}, resume, False
     saved_at = step if ckpt else None
@@ -120,7 +121,8 @@ def run(config: TrainConfig, ctx, on_step) -> TrainResult:
                 norm = all_reduce_sum(ctx, torch.tensor(float(sum(counts)), device=device))
                 # SFT divides by the global token count inside the loss; DPO weights each micro-batch's mean.
                 shares = [torch.ones((), device=device) if config.mode == "sft" else c / norm for c in counts]
-                micros = [MicroBatch(prepare(b, device), norm, share, None if ref_logps is None else
+                micros = [MicroBatch(prepare(b, device, gather_supervised=not static_shapes), norm, share,
+                                     None if ref_logps is None else
                                      batch_reference_logps(ref_logps, b, ref_path).to(device))
                           for b, share in zip(host, shares)]
                 lr = schedule.get_last_lr()[0]

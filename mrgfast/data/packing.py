@@ -195,7 +195,8 @@ class PackedBatch:
     says which sample (index into sample_ids) each token belongs to, -1 for padding. DPO batches add
     `layout` (shared prompts) and dpo_index/dpo_labels/dpo_cu_seqlens: the flat positions that predict
     each chosen then each rejected completion token, the tokens, and the 2P sequence bounds (see
-    dpo_loss_inputs).
+    dpo_loss_inputs). `loss_index`, when set (mrgfast.training.steps.prepare does it on the host), lists the
+    flat positions whose label is not IGNORE_INDEX, so the LM head runs on supervised rows only.
     """
 
     input_ids: Tensor
@@ -212,6 +213,7 @@ class PackedBatch:
     dpo_index: Optional[Tensor] = None
     dpo_labels: Optional[Tensor] = None
     dpo_cu_seqlens: Optional[Tensor] = None
+    loss_index: Optional[Tensor] = None
 
     @property
     def padding_fraction(self) -> float:

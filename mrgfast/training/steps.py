@@ -72,12 +72,17 @@ def pair_count(batch: PackedBatch) -> int:
     return (batch.dpo_cu_seqlens.numel() - 1) // 2
 
 
-def prepare(batch: PackedBatch, device: torch.device) -> PackedBatch:
+def prepare(batch: PackedBatch, device: torch.device, gather_supervised: bool = True) -> PackedBatch:
     """The batch on `device` with its attention layout built on the host first (the decoder would otherwise
-    read cu_seqlens back from the device inside the step)."""
+    read cu_seqlens back from the device inside the step) and, with `gather_supervised`, the index of its
+    supervised positions: most positions of a multimodal batch are visual or prompt tokens without a label,
+    and the LM head (the largest GEMM of a small model's step) need not run on them. The index's length
+    varies per batch, so CUDA-graph runs (static shapes) leave it off and run the head on every position."""
     if batch.layout is None:
         total = batch.input_ids.numel()
         batch.layout = AttentionLayout.causal(Segments.from_cu_seqlens(batch.cu_seqlens, total, "cpu"))
+    if gather_supervised and batch.loss_index is None and batch.dpo_index is None:
+        batch.loss_index = (batch.labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
     return batch.to(device)
 
 
@@ -93,8 +98,10 @@ def sft_loss(model: nn.Module, micro: MicroBatch) -> Tensor:
     hidden = model(micro.batch)
     weight, bias = head(model)
     flat = hidden.reshape(-1, hidden.shape[-1]).to(weight.dtype)
-    return linear_cross_entropy(flat, weight, micro.batch.labels.reshape(-1), bias,
-                                num_items_in_batch=micro.num_items)
+    labels = micro.batch.labels.reshape(-1)
+    if micro.batch.loss_index is not None:
+        flat, labels = flat.index_select(0, micro.batch.loss_index), labels.index_select(0, micro.batch.loss_index)
+    return linear_cross_entropy(flat, weight, labels, bias, num_items_in_batch=micro.num_items)
 
 
 def dpo_loss(model: nn.Module, micro: MicroBatch, settings: StepSettings) -> tuple:

@@ -21,7 +21,7 @@ from mrgfast.training.build import build_all
 from mrgfast.training.checkpoint import read_checkpoint
 from mrgfast.training.config import config_to_dict, load_config
 from mrgfast.training.guards import NonFiniteLossError
-from mrgfast.training.steps import MicroBatch, StepSettings, prepare, supervised_tokens, train_step
+from mrgfast.training.steps import MicroBatch, StepSettings, prepare, sft_loss, supervised_tokens, train_step
 from mrgfast.training.sync_guard import no_host_sync
 
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
@@ -113,6 +113,25 @@ def test_accumulation_equals_one_big_batch_and_clipping(cache, tmp_path):
                                rtol=1e-4, atol=0)
     moved = torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(after_clip, before)))
     torch.testing.assert_close(moved, torch.tensor(1e-3), rtol=1e-3, atol=0)
+
+
+def test_head_on_supervised_rows_equals_head_on_every_row(cache, tmp_path):
+    config = tiny(cache, tmp_path, "data.shuffle=false", "data.rows=2")
+    pieces = build_all(config, torch.device("cpu"))
+    model = pieces.model.eval()  # no dropout: both calls see the same network
+    (host,), _ = host_batches(pieces, 1)
+    norm = torch.tensor(float(supervised_tokens(host)))
+    gathered = prepare(copy.deepcopy(host), "cpu")
+    every_row = prepare(copy.deepcopy(host), "cpu", gather_supervised=False)
+    assert every_row.loss_index is None and 0 < gathered.loss_index.numel() < host.labels.numel()
+    params = [p for p in model.parameters() if p.requires_grad]
+    results = []
+    for batch in (gathered, every_row):
+        loss = sft_loss(model, MicroBatch(batch, norm, torch.ones(())))
+        results.append((loss, torch.autograd.grad(loss, params)))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-7)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("mode", ["sft", "dpo"])
