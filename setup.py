@@ -92,7 +92,7 @@ setup(
         "test": ["pytest>=8", "triton>=3.2", "pybind11>=2.12", "scikit-learn", "nibabel"],  # pybind11: .ci/cuda_build_check
         "gpu": ["flash-attn", "nvidia-ml-py"],
         "nifti": ["nibabel"],  # .nii / .nii.gz volumes (CT-RATE); .npy / .npz need nothing extra
-        "baseline": ["peft>=0.13", "trl>=0.12"],
+        "baseline": ["peft>=0.13", "trl>=1.16"],
     },
     ext_modules=native_extensions(),
     cmdclass={"build_ext": CMakeBuild},
