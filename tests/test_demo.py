@@ -44,6 +44,7 @@ def test_fast_demo_writes_eval_json_with_every_run(demo):
         assert (demo["root"] / "out" / f"{run}.generations.jsonl").is_file()
     assert written["targets"] == {"report/BLEU_4": 0.3, "clinical/macro_f1": 0.7}
     assert written["timings"]["total_s"] > 0
+    assert written["decoding"] == {"num_beams": 2, "max_new_tokens": 8}  # fast mode's beam search
     for stage in ("sft", "dpo"):
         assert (demo["root"] / "out" / stage / "config.yaml").is_file()
     assert written["checkpoints"]["sft"].endswith("step-000003")
@@ -111,16 +112,20 @@ def test_cache_is_reused_and_keyed_by_settings(demo):
 
 def test_options_parse_and_reject_unknown_keys():
     """demo.<key>=value arguments set DemoOptions; unknown keys and bad values raise naming them."""
-    options = parse_options(["demo.fast=true", "demo.sft_steps=7", "demo.eval_limit=none", "demo.output_dir=x"])
+    options = parse_options(["demo.fast=true", "demo.sft_steps=7", "demo.eval_limit=none", "demo.output_dir=x",
+                             "demo.num_beams=4"])
     assert options.fast and options.sft_steps == 7 and options.eval_limit is None and options.output_dir == "x"
+    assert options.num_beams == 4
     resolved = options.resolved()
-    assert resolved.sft_steps == 3 and not resolved.meteor
+    assert resolved.sft_steps == 3 and resolved.num_beams == 2 and not resolved.meteor
     with pytest.raises(ValueError, match="demo.nope=1"):
         parse_options(["demo.nope=1"])
     with pytest.raises(ValueError, match="sft_steps"):
         parse_options(["demo.sft_steps=many"])
     with pytest.raises(ValueError, match="true or false"):
         parse_options(["demo.fast=maybe"])
+    with pytest.raises(ValueError, match="num_beams must be a positive integer"):
+        parse_options(["demo.num_beams=0"])
 
 
 def test_settings_must_be_base_model_settings(tmp_path):
