@@ -119,7 +119,7 @@ def main() -> None:
     run = harness.start_run()
     shape = QUICK if args.quick else FULL
     device = harness.default_device()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # CPU bf16 is far off the training path
+    dtype = harness.compute_dtype(device)
     backend = select_backend("affine_prompt", torch.empty(0, device=device), IMPLEMENTED)
     results = {}
     for b, l, k, d, t in shape["cases"]:

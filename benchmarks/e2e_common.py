@@ -23,11 +23,6 @@ LLAMA2_VOCAB = 32000  # Llama-2's vocabulary: sets the LM head's cost, which the
 LOSS_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}  # |a - b| / max(1, |b|)
 
 
-def compute_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on CUDA, fp32 on CPU (CPU bf16 matmul is ~500x slower)."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
 class DemoData:
     """The synthetic demo (IU-Xray-like reports, VQA, preference pairs) and its tokenizer, in a temp directory
     removed by close()."""

@@ -36,7 +36,7 @@ import torch
 import transformers
 
 from benchmarks import harness
-from benchmarks.e2e_common import (LORA, DemoData, check_loss, compute_dtype, copy_adapter, decoder_config, peft_config,
+from benchmarks.e2e_common import (LORA, DemoData, check_loss, copy_adapter, decoder_config, peft_config,
                                     twin_decoders)
 from mrgfast.data import DPOCollator, PromptBuilder
 from mrgfast.data.packing import plan_batches
@@ -152,17 +152,6 @@ def check_agreement(setup: Setup, device: torch.device, dtype: torch.dtype) -> d
     return {"loss_mrgfast": mrg_loss.item(), "loss_trl": trl_loss.item(), "loss_relative_diff": diff}
 
 
-def cycling(batches: list, step):
-    """A no-argument step that trains on the next batch of `batches` each call (round robin)."""
-    state = {"i": 0}
-
-    def run():
-        batch = batches[state["i"] % len(batches)]
-        state["i"] += 1
-        return step(batch)
-    return run
-
-
 def step_functions(setup: Setup, device: torch.device) -> dict:
     """{variant: one full DPO step (policy + reference forward, backward, clip, AdamW, zero grads)}."""
     step_settings = settings(device)
@@ -178,7 +167,7 @@ def step_functions(setup: Setup, device: torch.device) -> dict:
         trainer.optimizer.zero_grad(set_to_none=True)
         return loss
 
-    return {"trl": cycling(setup.trl_batches, trl_step), "mrgfast": cycling(setup.mrg_batches, mrgfast_step)}
+    return {"trl": harness.cycling(setup.trl_batches, trl_step), "mrgfast": harness.cycling(setup.mrg_batches, mrgfast_step)}
 
 
 def main() -> None:
@@ -187,7 +176,7 @@ def main() -> None:
     run = harness.start_run()
     shape = QUICK if args.quick else FULL
     device = harness.default_device()
-    dtype = compute_dtype(device)
+    dtype = harness.compute_dtype(device)
     data = DemoData(shape["n"], 32)
     try:
         with tempfile.TemporaryDirectory(prefix="mrgfast-e2e-trl-") as out_dir:

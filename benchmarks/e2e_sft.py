@@ -36,7 +36,7 @@ from peft import get_peft_model
 from torch import nn
 
 from benchmarks import harness
-from benchmarks.e2e_common import (LORA, DemoData, check_loss, compute_dtype, copy_adapter, decoder_config, peft_config,
+from benchmarks.e2e_common import (LORA, DemoData, check_loss, copy_adapter, decoder_config, peft_config,
                                     twin_decoders)
 from mrgfast.data import MedicalDataset, PackingCollator, PromptBuilder
 from mrgfast.data.images import ImageConfig
@@ -207,17 +207,6 @@ def check_agreement(setup: Setup, device: torch.device, dtype: torch.dtype) -> d
             "projector_grad_relative_error": grad_diff}
 
 
-def cycling(batches: list, step):
-    """A no-argument step that trains on the next batch of `batches` each call (round robin)."""
-    state = {"i": 0}
-
-    def run():
-        batch = batches[state["i"] % len(batches)]
-        state["i"] += 1
-        return step(batch)
-    return run
-
-
 def step_functions(setup: Setup, device: torch.device) -> dict:
     """{variant: one full training step (forward, backward, clip, AdamW, zero grads)}."""
     settings = StepSettings(mode="sft", max_grad_norm=MAX_GRAD_NORM,
@@ -236,8 +225,8 @@ def step_functions(setup: Setup, device: torch.device) -> dict:
         return loss
 
     # The ablation shares the mrgfast model and optimizer: it changes the weights it trains, not the cost of a step.
-    return {"hf_peft": cycling(setup.hf_batches, hf_step), "mrgfast": cycling(setup.mrg_batches, mrgfast_step),
-            "mrgfast_all_rows": cycling([all_rows(m) for m in setup.mrg_batches], mrgfast_step)}
+    return {"hf_peft": harness.cycling(setup.hf_batches, hf_step), "mrgfast": harness.cycling(setup.mrg_batches, mrgfast_step),
+            "mrgfast_all_rows": harness.cycling([all_rows(m) for m in setup.mrg_batches], mrgfast_step)}
 
 
 def main() -> None:
@@ -246,7 +235,7 @@ def main() -> None:
     run = harness.start_run()
     shape = QUICK if args.quick else FULL
     device = harness.default_device()
-    dtype = compute_dtype(device)
+    dtype = harness.compute_dtype(device)
     data = DemoData(shape["n"], shape["image_size"])
     try:
         setup = build(shape, data, device)

@@ -98,7 +98,7 @@ def main() -> None:
     run = harness.start_run()
     config = QUICK if args.quick else FULL
     device = harness.default_device()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # CPU bf16 matmul is ~500x slower
+    dtype = harness.compute_dtype(device)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = build_demo_tokenizer(TEXTS * 4, Path(tmp) / "tokenizer", vocab_size=400)
         plain = build(config, tokenizer, device, dtype)

@@ -110,6 +110,22 @@ def start_run() -> dict:
     return {"machine": machine_info(), "busy_start": busy_snapshot()}
 
 
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA, fp32 on CPU (bf16 matmul on these CPUs is ~500x slower than fp32: see DESIGN.md)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def cycling(items: list, step: Callable[[object], object]) -> Callable[[], object]:
+    """A no-argument step that runs `step` on the next of `items` each call (round robin)."""
+    state = {"i": 0}
+
+    def run():
+        item = items[state["i"] % len(items)]
+        state["i"] += 1
+        return step(item)
+    return run
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work so wall time covers it; nothing to wait for on CPU."""
     if device.type == "cuda":

@@ -50,7 +50,7 @@ def main() -> None:
     args = harness.parse_args(NAME, __doc__)
     run = harness.start_run()
     device = harness.default_device()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = harness.compute_dtype(device)
     shapes = QUICK if args.quick else FULL
     h, weight, labels, upstream = make_inputs(shapes["tokens"], shapes["hidden"], shapes["vocab"], dtype, device)
     backend = select_backend("linear_cross_entropy", h, IMPLEMENTED)

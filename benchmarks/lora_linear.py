@@ -178,7 +178,7 @@ def main() -> None:
     run = harness.start_run()
     shape = QUICK if args.quick else FULL
     device = harness.default_device()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # CPU bf16 matmul is ~500x slower
+    dtype = harness.compute_dtype(device)
     layers = build_layers(shape, device, dtype)
     backend = select_backend("lora_linear", layers.x, IMPLEMENTED)
     check_agreement(layers, backend, dtype)

@@ -198,7 +198,7 @@ def main() -> None:
     run = harness.start_run()
     config = QUICK if args.quick else FULL
     device = harness.default_device()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # CPU bf16 matmul is ~500x slower
+    dtype = harness.compute_dtype(device)
     probe = torch.empty(1, device=device)
     results = projector_cases(config["projector"], device, dtype, config["warmup"], config["repeats"])
     results.update(grouping_cases(config["grouping"], device, dtype, config["warmup"], config["repeats"]))
