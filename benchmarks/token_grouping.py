@@ -18,8 +18,7 @@ from benchmarks import harness
 from mrgfast.backend import ENV_VAR, select_backend
 from mrgfast.layers.token_group_projector import TokenGroupProjector
 from mrgfast.native import cuda_kernels_built
-from mrgfast.ops import group_tokens as group_tokens_module
-from mrgfast.ops.group_tokens import group_layout, group_tokens, reference_group_tokens
+from mrgfast.ops.group_tokens import IMPLEMENTED, group_layout, group_tokens, reference_group_tokens
 
 NAME = "token_grouping"
 # Projector cases: (batch, tokens, dim, out, group, mode, grid). PeFoMed: EVA-g 1024 x 1408 -> 256 x 4096.
@@ -205,7 +204,7 @@ def main() -> None:
     report_config = {
         "mode": "quick" if args.quick else "full", "device": device.type, "dtype": str(dtype).split(".")[-1],
         "warmup": config["warmup"], "repeats": config["repeats"],
-        "mrgfast_backend": select_backend("group_tokens", probe, group_tokens_module.IMPLEMENTED),
+        "mrgfast_backend": select_backend("group_tokens", probe, IMPLEMENTED),
         "step": "y = f(x); y.backward(g); projector weights trainable; *_frozen_x: x and the LayerNorm frozen "
                 "(PeFoMed), *_train_x: both trainable; group_2d*: the plain op with x requiring grad",
         "headline": "least favourable case: lowest eager/mrgfast time, highest mrgfast/eager peak memory"}
