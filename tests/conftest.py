@@ -105,7 +105,7 @@ def toy_ids():
 
 def build_tiny_hf(arch: str):
     """A tiny HF causal LM ('llama', or 'qwen2' with q/k/v bias) built from a config, no download."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
     sizes = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=128)
     torch.manual_seed(0)

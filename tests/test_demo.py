@@ -63,7 +63,7 @@ def test_dpo_reference_is_the_sft_model(demo):
 
 def test_base_models_load_and_match_transformers_llama(demo):
     """The decoder directory loads with load_decoder, and transformers' LlamaForCausalLM computes the same logits."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
     base = prepare_base_models(demo["options"].cache_dir, demo["options"].seed, FAST_SETTINGS, log=lambda _: None)
     decoder = load_decoder(base.decoder_dir)
     tokenizer = load_tokenizer(base.decoder_dir)

@@ -101,7 +101,7 @@ def test_load_volume_errors(tmp_path):
 
 
 def test_nifti_roundtrip_transposes_to_zyx(tmp_path):
-    nibabel = pytest.importorskip("nibabel")  # the one optional dependency of the data package
+    import nibabel
     xyz = np.random.default_rng(0).normal(size=(4, 5, 6)).astype(np.float32)
     nibabel.save(nibabel.Nifti1Image(xyz, np.eye(4)), str(tmp_path / "v.nii.gz"))
     np.testing.assert_allclose(load_volume(tmp_path / "v.nii.gz"), xyz.transpose(2, 1, 0), rtol=1e-6)

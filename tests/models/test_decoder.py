@@ -124,7 +124,7 @@ def test_qwen2_vl_packed_multimodal_documents_match_separate(hf_model):
 
 
 def test_apply_lora_targets_hf_names_and_peft_loads_the_adapter(hf_model, tmp_path):
-    peft = pytest.importorskip("peft")
+    import peft
     model, path = hf_model("qwen2")
     decoder = apply_lora(load_decoder(path), LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS))
     wrapped = sorted(n for n, m in decoder.named_modules() if isinstance(m, LoRALinear))

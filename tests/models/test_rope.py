@@ -6,7 +6,7 @@ import torch
 from mrgfast.models import DecoderConfig
 from mrgfast.models.rope import RotaryEmbedding, apply_rope, inv_frequencies
 
-transformers = pytest.importorskip("transformers")
+import transformers
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding  # noqa: E402
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # noqa: E402
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLRotaryEmbedding  # noqa: E402

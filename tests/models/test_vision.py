@@ -13,7 +13,7 @@ from mrgfast.models.vision import (Qwen2VLMerger, VisionFeatures, VisionTower, b
 from tests.models.tiny_hf import VISION
 from tests.ops.lora_cases import assert_close
 
-transformers = pytest.importorskip("transformers")
+import transformers
 
 VISION_SIZES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=28,
                     patch_size=7)

@@ -1,9 +1,7 @@
 """Tiny random HF models (the test oracle) and helpers to run them beside mrgfast's Decoder."""
 
-import pytest
 import torch
-
-transformers = pytest.importorskip("transformers")
+import transformers
 
 VOCAB = 128
 SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

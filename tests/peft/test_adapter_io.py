@@ -216,7 +216,7 @@ def peft_load(peft, base, path):
 
 @pytest.mark.parametrize("arch, settings", INTEROP_CASES, ids=CASE_IDS)
 def test_mrgfast_adapter_loads_in_peft(fresh_hf, hf_ids, tmp_path, arch, settings):
-    peft = pytest.importorskip("peft")
+    import peft
     model = apply_lora(fresh_hf(arch), LoraConfig(**settings))
     randomize_trainable(model)
     save_adapter(model, tmp_path)
@@ -228,7 +228,7 @@ def test_mrgfast_adapter_loads_in_peft(fresh_hf, hf_ids, tmp_path, arch, setting
 
 @pytest.mark.parametrize("arch, settings", INTEROP_CASES, ids=CASE_IDS)
 def test_peft_adapter_loads_in_mrgfast(fresh_hf, hf_ids, tmp_path, arch, settings):
-    peft = pytest.importorskip("peft")
+    import peft
     peft_model = peft.get_peft_model(fresh_hf(arch), peft.LoraConfig(task_type="CAUSAL_LM", **settings))
     randomize_trainable(peft_model)
     peft_model.save_pretrained(str(tmp_path))
@@ -245,7 +245,7 @@ def test_peft_adapter_loads_in_mrgfast(fresh_hf, hf_ids, tmp_path, arch, setting
 
 
 def test_same_seed_gives_peft_initial_weights(fresh_hf):
-    peft = pytest.importorskip("peft")
+    import peft
     torch.manual_seed(11)
     ours = apply_lora(fresh_hf("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     torch.manual_seed(11)
