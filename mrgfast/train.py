@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from mrgfast.data.packing import PackedBatchSampler
+from mrgfast.data.static_batch import StaticShape
 from mrgfast.peft import load_adapter
 from mrgfast.training.build import ADAPTER_SUFFIX, MODULES_GROUP, build_all, build_loader
 from mrgfast.training.checkpoint import (adapter_writer, load_optimizer_state, read_checkpoint, resolve_resume,
@@ -22,7 +23,8 @@ from mrgfast.training.config import ConfigError, TrainConfig, parse_cli, save_re
 from mrgfast.training.cuda_graph import StepRunner
 from mrgfast.training.distributed import (all_reduce_sum, any_rank, barrier, gather_objects, init_distributed,
                                           teardown, wrap_model)
-from mrgfast.training.fsdp import shard_frozen
+from mrgfast.training.fsdp import (adapter_tensors, gather_full_state, read_adapter_by_name, scatter_full_state,
+                                   shard_model)
 from mrgfast.training.guards import GracefulStop, NonFiniteGuard, NonFiniteLossError
 from mrgfast.training.rng import capture_rng_state, restore_rng_state, seed_everything
 from mrgfast.training.steps import (MicroBatch, StepSettings, batch_reference_logps, load_reference_logps,
@@ -61,14 +63,16 @@ def run(config: TrainConfig, ctx, on_step) -> TrainResult:
         save_resolved(config, out_dir)
     seed_everything(config.seed)
     fsdp = config.distributed.strategy == "fsdp" and ctx.distributed
-    pieces = build_all(config, device, lambda m: shard_frozen(m, ctx) if fsdp else wrap_model(m, ctx, "ddp"))
+    sharded = fsdp and config.distributed.shard_trainable  # trainables and their AdamW state are DTensors
+    pieces = build_all(config, device, lambda m: shard_model(m, ctx, sharded) if fsdp else wrap_model(m, ctx, "ddp"))
     core, model, optimizer, schedule = pieces.model, pieces.wrapped, pieces.optimizer, pieces.schedule
     core.train()
     params = [p for p in core.parameters() if p.requires_grad]
     accum, world = config.optim.grad_accum_steps, ctx.world_size
     bf16 = device.type == "cuda" and config.model.dtype in ("auto", "bfloat16")
     settings = StepSettings(config.mode, world, config.optim.max_grad_norm, config.dpo.beta, config.dpo.loss_type,
-                            config.dpo.label_smoothing, torch.bfloat16 if bf16 else None, average_gradients=fsdp)
+                            config.dpo.label_smoothing, torch.bfloat16 if bf16 else None,
+                            average_gradients=fsdp and not sharded)  # sharded: FSDP2 reduce-scatters them
     ref_logps, ref_path = None, None
     if config.mode == "dpo" and config.dpo.reference == "precomputed":
         ref_path = Path(config.dpo.reference_logps_path or out_dir / "reference_logps.safetensors")
@@ -82,7 +86,7 @@ def run(config: TrainConfig, ctx, on_step) -> TrainResult:
     consumed = ckpt.sampler["consumed"] if ckpt else 0
     batches = iter(build_loader(pieces, config, ctx.rank, world, consumed))
     if ckpt:
-        restore(core, optimizer, schedule, ckpt, ctx.rank)
+        restore(core, optimizer, schedule, ckpt, ctx.rank, sharded)
 
     total_params = sum(p.numel() for p in core.parameters())
     telemetry = Telemetry(out_dir, config.schedule.max_steps, training_flops_per_token(total_params, len_of(params)),
@@ -91,6 +95,8 @@ def run(config: TrainConfig, ctx, on_step) -> TrainResult:
                           gpu_sample_interval_s=config.telemetry.gpu_sample_interval_s)
     guard = NonFiniteGuard(device)
     static_shapes = config.cuda_graphs and device.type == "cuda"  # a captured graph replays fixed shapes
+    packed = pieces.packed
+    static_shape = StaticShape.for_lengths(packed.lengths, packed.budget, packed.rows) if static_shapes else None
     runner = StepRunner(lambda micros: train_step(model, optimizer, micros, settings, params,
                                                   static_grads=static_shapes),
                         device, enabled=config.cuda_graphs)
@@ -101,12 +107,14 @@ def run(config: TrainConfig, ctx, on_step) -> TrainResult:
         """Save (rank 0) after checking that no loss since the last check was NaN/inf."""
         guard.check()
         rng = gather_objects(ctx, capture_rng_state())
+        full = gather_full_state(core, optimizer) if sharded else None  # collective: every rank takes part
         path = None
         if ctx.is_main:
-            writers = {ADAPTER_SUFFIX: adapter_writer(core.decoder)} if config.lora.enabled else {}
-            path = save_checkpoint(out_dir, at, tensors={MODULES_GROUP: core.trainable_state_dict()},
-                                   optimizer=optimizer, scheduler=schedule, sampler={"consumed": consumed},
-                                   rng_states=rng, writers=writers, keep_last=config.checkpoint.keep_last)
+            modules, adapter, state = saved_weights(core, optimizer, full, config.lora.enabled)
+            writers = {ADAPTER_SUFFIX: adapter_writer(core.decoder, adapter)} if config.lora.enabled else {}
+            path = save_checkpoint(out_dir, at, tensors={MODULES_GROUP: modules}, optimizer_state=state,
+                                   scheduler=schedule, sampler={"consumed": consumed}, rng_states=rng,
+                                   writers=writers, keep_last=config.checkpoint.keep_last)
         barrier(ctx)
         return path or out_dir / f"step-{at:06d}"
 
@@ -121,7 +129,7 @@ def run(config: TrainConfig, ctx, on_step) -> TrainResult:
                 norm = all_reduce_sum(ctx, torch.tensor(float(sum(counts)), device=device))
                 # SFT divides by the global token count inside the loss; DPO weights each micro-batch's mean.
                 shares = [torch.ones((), device=device) if config.mode == "sft" else c / norm for c in counts]
-                micros = [MicroBatch(prepare(b, device, gather_supervised=not static_shapes), norm, share,
+                micros = [MicroBatch(prepare(b, device, static_shape), norm, share,
                                      None if ref_logps is None else
                                      batch_reference_logps(ref_logps, b, ref_path).to(device))
                           for b, share in zip(host, shares)]
@@ -157,12 +165,32 @@ def len_of(params) -> int:
     return sum(p.numel() for p in params)
 
 
-def restore(core: nn.Module, optimizer, schedule, ckpt, rank: int) -> None:
-    """Put a checkpoint's weights, optimizer, schedule and this rank's RNG state back."""
-    if (ckpt.path / ADAPTER_SUFFIX).is_dir():
-        load_adapter(core.decoder, ckpt.path / ADAPTER_SUFFIX)
-    core.load_trainable_state_dict(ckpt.tensors.get(MODULES_GROUP, {}))
-    load_optimizer_state(optimizer, ckpt.optimizer, ckpt.path)
+def saved_weights(core: nn.Module, optimizer, full, lora: bool) -> tuple:
+    """(trainable weights outside the decoder, adapter tensors or None for the model's own, optimizer state) to
+    save: the model's and optimizer's own, or taken from `full` (gather_full_state) when the trainables are
+    sharded, so that the files are the same either way."""
+    if full is None:
+        return core.trainable_state_dict(), None, optimizer.state_dict()
+    # trainable_state_dict's keys only: its values are this rank's shards.
+    modules = {name: full.weights[name] for name in core.trainable_state_dict()}
+    adapter = adapter_tensors(core, core.decoder, full.weights) if lora else None
+    return modules, adapter, full.optimizer
+
+
+def restore(core: nn.Module, optimizer, schedule, ckpt, rank: int, sharded: bool = False) -> None:
+    """Put a checkpoint's weights, optimizer, schedule and this rank's RNG state back (`sharded`: into the
+    FSDP2 shards of the trainables, a collective on every rank)."""
+    adapter_dir = ckpt.path / ADAPTER_SUFFIX
+    if sharded:
+        weights = dict(ckpt.tensors.get(MODULES_GROUP, {}))
+        if adapter_dir.is_dir():
+            weights.update(read_adapter_by_name(core, core.decoder, adapter_dir))
+        scatter_full_state(core, optimizer, weights, ckpt.optimizer, ckpt.path)
+    else:
+        if adapter_dir.is_dir():
+            load_adapter(core.decoder, adapter_dir)
+        core.load_trainable_state_dict(ckpt.tensors.get(MODULES_GROUP, {}))
+        load_optimizer_state(optimizer, ckpt.optimizer, ckpt.path)
     schedule.load_state_dict(ckpt.scheduler)
     if not 0 <= rank < len(ckpt.rng_states):
         raise ValueError(f"{ckpt.path}: holds RNG states for {len(ckpt.rng_states)} rank(s), cannot restore rank "

@@ -195,7 +195,7 @@ class PackedBatch:
     says which sample (index into sample_ids) each token belongs to, -1 for padding. DPO batches add
     `layout` (shared prompts) and dpo_index/dpo_labels/dpo_cu_seqlens: the flat positions that predict
     each chosen then each rejected completion token, the tokens, and the 2P sequence bounds (see
-    dpo_loss_inputs). `loss_index`, when set (mrgfast.training.steps.prepare does it on the host), lists the
+    dpo_loss_inputs). `slot_index` replaces `spans` in static batches (see make_static). `loss_index`, when set (mrgfast.training.steps.prepare does it on the host), lists the
     flat positions whose label is not IGNORE_INDEX, so the LM head runs on supervised rows only.
     """
 
@@ -214,11 +214,37 @@ class PackedBatch:
     dpo_labels: Optional[Tensor] = None
     dpo_cu_seqlens: Optional[Tensor] = None
     loss_index: Optional[Tensor] = None
+    slot_index: Optional[dict] = None   # static batches (mrgfast.data.static_batch): {kind: flat positions}
 
     @property
     def padding_fraction(self) -> float:
         """Share of the batch's token slots holding padding."""
         return 1.0 - self.num_tokens / self.input_ids.numel()
+
+    def trimmed(self) -> "PackedBatch":
+        """The host-side batch cut to its widest row's real tokens: the padding past every row's last sample is
+        never computed on. Only where shapes may vary (eager steps; a CUDA graph replays [rows, budget]);
+        DPO batches (flat pair indices, shared-prompt layouts) are returned as they are."""
+        if self.dpo_index is not None or self.layout is not None:
+            return self
+        rows, budget = self.input_ids.shape
+        real = self.sample_index >= 0
+        used = [int(row.nonzero()[-1]) + 1 if row.any() else 0 for row in real]
+        width = max(max(used), 1)
+        if width == budget:
+            return self
+        bounds, cut = self.cu_seqlens.tolist(), [0]
+        for row, n in enumerate(used):
+            # A row's documents end where its last sample does; its padding tail shrinks to the new width.
+            cut += [row * width + b - row * budget for b in bounds[1:] if row * budget < b <= row * budget + n]
+            if n < width:
+                cut.append((row + 1) * width)
+        spans = [dataclasses.replace(s, start=s.start // budget * width + s.start % budget) for s in self.spans]
+        return dataclasses.replace(self, input_ids=self.input_ids[:, :width].contiguous(),
+                                   labels=self.labels[:, :width].contiguous(),
+                                   position_ids=self.position_ids[..., :width].contiguous(),
+                                   cu_seqlens=torch.tensor(cut, dtype=self.cu_seqlens.dtype),
+                                   sample_index=self.sample_index[:, :width].contiguous(), spans=spans)
 
     def span_index(self, kind: str) -> Tensor:
         """Flat positions [n] of every `kind` placeholder token, by sample then image/slot: where the adapter's
@@ -241,6 +267,8 @@ class PackedBatch:
             value = getattr(self, field.name)
             if isinstance(value, (Tensor, AttentionLayout)):
                 value = value.to(device)
+            elif isinstance(value, dict):
+                value = {k: v.to(device) for k, v in value.items()}
             moved[field.name] = value
         return PackedBatch(**moved)
 

@@ -18,10 +18,14 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 @dataclasses.dataclass
 class Segments:
     """Document boundaries of a packed stream: cu_seqlens on the device (int32), the same on the host, and the
-    longest document (the host copy is made once per forward, not once per layer)."""
+    longest document (the host copy is made once per forward, not once per layer).
+
+    Device-only segments (`bounds` None, from `Segments.static`) carry nothing that changes from batch to batch
+    on the host, which is what a replayed CUDA graph needs: cu_seqlens has a fixed length (empty documents pad
+    it) and `max_len` is the row width, every document lying inside one row of that width."""
 
     cu_seqlens: Tensor
-    bounds: list
+    bounds: Optional[list]
     max_len: int
 
     @classmethod
@@ -40,9 +44,22 @@ class Segments:
             raise ValueError(f"cu_seqlens must rise from 0 to the number of tokens ({total}), got {bounds}")
         return cls.from_lengths([b - a for a, b in zip(bounds, bounds[1:])], device)
 
+    @classmethod
+    def static(cls, cu_seqlens: Tensor, row_width: int) -> "Segments":
+        """Device-only segments: cu_seqlens (padded with empty documents to a fixed length) of a stream of rows
+        `row_width` long, no document crossing a row; no host copy of the bounds is made."""
+        return cls(cu_seqlens, None, row_width)
+
+    @property
+    def on_host(self) -> bool:
+        """Whether the bounds are known on the host (False for Segments.static)."""
+        return self.bounds is not None
+
     @property
     def lengths(self) -> list:
-        """The length of each document."""
+        """The length of each document (host-side segments only)."""
+        if self.bounds is None:
+            raise ValueError("device-only Segments (Segments.static) have no host-side document lengths")
         return [b - a for a, b in zip(self.bounds, self.bounds[1:])]
 
     def to(self, device) -> "Segments":
@@ -82,6 +99,8 @@ class AttentionLayout:
 
     def check(self, tokens: int) -> None:
         """ValueError unless the layout fits a stream of `tokens` tokens (counts and shapes only: no device sync)."""
+        if not self.seg_q.on_host:
+            return self.check_static(tokens)
         if self.seg_q.bounds[-1] != tokens:
             raise ValueError(f"attention layout: seg_q covers {self.seg_q.bounds[-1]} tokens, the stream has {tokens}")
         if len(self.seg_q.bounds) != len(self.seg_k.bounds):
@@ -99,20 +118,33 @@ class AttentionLayout:
             raise ValueError(f"attention layout: kv_index must be [{self.seg_k.bounds[-1]}] (one entry per key), "
                              f"got shape {tuple(self.kv_index.shape)}")
 
+    def check_static(self, tokens: int) -> None:
+        """check() for device-only segments: causal, whole rows of the segments' width."""
+        if self.seg_k.on_host or self.seg_k.max_len != self.seg_q.max_len or self.kv_index is not None:
+            raise ValueError("attention layout: device-only segments (Segments.static) support the plain causal "
+                             "layout only (AttentionLayout.causal)")
+        if tokens % self.seg_q.max_len:
+            raise ValueError(f"attention layout: static segments of row width {self.seg_q.max_len} cannot cover "
+                             f"{tokens} tokens")
+
     def gather(self, k: Tensor, v: Tensor):
         """The key and value streams [Tk, heads, D] from the per-token k, v [T, heads, D]."""
         if self.kv_index is None:
             return k, v
         return k.index_select(0, self.kv_index), v.index_select(0, self.kv_index)
 
-    def position_offsets(self) -> list:
-        """Per document, the position of its first query: keys before the queries come first (lk - lq)."""
+    def position_offsets(self) -> Optional[list]:
+        """Per document, the position of its first query: keys before the queries come first (lk - lq); None for
+        device-only segments (whose batches carry their position ids)."""
+        if not self.seg_q.on_host:
+            return None
         return [lk - lq for lq, lk in zip(self.seg_q.lengths, self.seg_k.lengths)]
 
     def to(self, device) -> "AttentionLayout":
         """The same layout with its tensors on `device`."""
         index = None if self.kv_index is None else self.kv_index.to(device)
-        return AttentionLayout(self.seg_q.to(device), self.seg_k.to(device), index)
+        seg_q = self.seg_q.to(device)
+        return AttentionLayout(seg_q, seg_q if self.seg_k is self.seg_q else self.seg_k.to(device), index)
 
 
 @functools.lru_cache(maxsize=None)
@@ -148,6 +180,8 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, seg_q: Segments, seg_k: Op
     document; a document's queries are its last tokens (bottom-right causal, as flash-attn), so decoding with
     a KV cache is the case of one query per document. Returns [Tq, Hq, D]."""
     seg_k = seg_q if seg_k is None else seg_k
+    if not seg_q.on_host or not seg_k.on_host:
+        return static_varlen_attention(q, k, v, seg_q, seg_k, scale)
     if len(seg_q.bounds) != len(seg_k.bounds):
         raise ValueError(f"seg_q has {len(seg_q.bounds) - 1} documents but seg_k has {len(seg_k.bounds) - 1}")
     if any(lq > lk for lq, lk in zip(seg_q.lengths, seg_k.lengths)):
@@ -163,6 +197,42 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, seg_q: Segments, seg_k: Op
         return torch_varlen_attn()(q, k, v, seg_q.cu_seqlens, seg_k.cu_seqlens, seg_q.max_len, seg_k.max_len,
                                    scale=scale, window_size=(-1, 0), enable_gqa=True)
     return per_document_sdpa(q, k, v, seg_q, seg_k, scale)
+
+
+def static_varlen_attention(q: Tensor, k: Tensor, v: Tensor, seg_q: Segments, seg_k: Segments,
+                            scale: Optional[float]) -> Tensor:
+    """varlen_attention for device-only segments (causal self-attention, no host values read): flash-attn /
+    torch varlen on CUDA half tensors (empty documents are free there), else one masked SDPA over whole rows."""
+    # Self-attention only: the keys are the queries' own tokens, so seg_q's documents are seg_k's as well.
+    if seg_k.on_host or seg_q.on_host or q.shape[0] != k.shape[0]:
+        raise ValueError("device-only segments (Segments.static) support causal self-attention only, with "
+                         "Segments.static for both queries and keys")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+    backend = attention_backend(q)
+    if backend == "flash_attn":
+        from flash_attn import flash_attn_varlen_func
+        return flash_attn_varlen_func(q, k, v, seg_q.cu_seqlens, seg_q.cu_seqlens, seg_q.max_len, seg_q.max_len,
+                                      softmax_scale=scale, causal=True)
+    if backend == "torch_varlen":
+        return torch_varlen_attn()(q, k, v, seg_q.cu_seqlens, seg_q.cu_seqlens, seg_q.max_len, seg_q.max_len,
+                                   scale=scale, window_size=(-1, 0), enable_gqa=True)
+    return row_masked_sdpa(q, k, v, seg_q, scale)
+
+
+def row_masked_sdpa(q: Tensor, k: Tensor, v: Tensor, seg: Segments, scale: Optional[float]) -> Tensor:
+    """Causal attention within documents as one SDPA over rows of width seg.max_len, the document mask built on
+    the device from cu_seqlens (static shapes, no host sync; it computes every row's full square)."""
+    tokens, heads, dim = q.shape
+    width = seg.max_len
+    rows = tokens // width
+    where = torch.arange(tokens, device=q.device, dtype=seg.cu_seqlens.dtype)
+    document = torch.searchsorted(seg.cu_seqlens, where, right=True).view(rows, width)
+    causal = torch.ones(width, width, dtype=torch.bool, device=q.device).tril()
+    mask = (document[:, :, None] == document[:, None, :]) & causal  # a query always sees itself: no empty row
+    out = F.scaled_dot_product_attention(*(t.view(rows, width, t.shape[1], dim).transpose(1, 2) for t in (q, k, v)),
+                                         attn_mask=mask[:, None], scale=scale, enable_gqa=True)
+    return out.transpose(1, 2).reshape(tokens, heads, dim)
 
 
 def per_document_sdpa(q: Tensor, k: Tensor, v: Tensor, seg_q: Segments, seg_k: Segments,
@@ -181,10 +251,12 @@ def per_document_sdpa(q: Tensor, k: Tensor, v: Tensor, seg_q: Segments, seg_k: S
             offset = n_k - n_q
             mask = (torch.arange(n_k, device=q.device)[None, :]
                     <= torch.arange(n_q, device=q.device)[:, None] + offset)
-        out = F.scaled_dot_product_attention(q[qs:qe].transpose(0, 1), k[ks:ke].transpose(0, 1),
-                                             v[ks:ke].transpose(0, 1), attn_mask=mask, is_causal=causal,
+        # 4-d [1, heads, n, D]: torch's fused CPU (flash) kernel takes only batched input; 3-d goes to the
+        # unfused math path (bmm + softmax + masks), several times slower forward and backward.
+        out = F.scaled_dot_product_attention(q[qs:qe].transpose(0, 1)[None], k[ks:ke].transpose(0, 1)[None],
+                                             v[ks:ke].transpose(0, 1)[None], attn_mask=mask, is_causal=causal,
                                              scale=scale, enable_gqa=True)
-        outputs.append(out.transpose(0, 1))
+        outputs.append(out[0].transpose(0, 1))
     if not outputs:
         return q.new_empty(q.shape)
     return torch.cat(outputs, dim=0)

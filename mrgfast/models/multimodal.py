@@ -290,10 +290,13 @@ class MultimodalLM(nn.Module):
 
     # ------------------------------------------------------------------------------------------ forward
 
-    def splice(self, embeds: Tensor, spans: Sequence[PlacedSpan], pixel_values) -> Tensor:
+    def splice(self, embeds: Tensor, spans: Sequence[PlacedSpan], pixel_values,
+               slot_index: Optional[dict] = None) -> Tensor:
         """embeds [rows, seq, hidden] with each slot's adapter output written at its span (out of place, so
-        gradients reach both the token embeddings and the adapters)."""
-        kinds = {s.kind for s in spans}
+        gradients reach both the token embeddings and the adapters). A static batch gives `slot_index` ({kind:
+        flat positions}, built on the host) instead of spans; its padded samples write to one scratch row past
+        the stream, dropped afterwards."""
+        kinds = set(slot_index) if slot_index is not None else {s.kind for s in spans}
         unfilled, missing = kinds - set(self.adapters), set(self.adapters) - kinds
         if unfilled:
             raise ValueError(f"the batch has {sorted(unfilled)} slots but the model has adapters only for "
@@ -306,15 +309,23 @@ class MultimodalLM(nn.Module):
         slots = self.encode(pixel_values)
         rows, seq, hidden = embeds.shape
         flat = embeds.reshape(rows * seq, hidden)
+        if slot_index is not None:
+            flat = torch.cat([flat, flat.new_zeros(1, hidden)])
         for kind, values in slots.items():
-            index = slot_index(spans, kind, values.shape[0], values.shape[1], flat.device)
+            if slot_index is None:
+                index = slot_index_of(spans, kind, values.shape[0], values.shape[1], flat.device)
+            else:
+                index = slot_index[kind]
+                if index.numel() != values.shape[0] * values.shape[1]:
+                    raise ValueError(f"the static batch has {index.numel()} {kind} slot positions but the adapter "
+                                     f"makes {values.shape[0]} x {values.shape[1]}; pad pixel_values with make_static")
             flat = flat.index_copy(0, index, values.reshape(-1, hidden).to(flat.dtype))
-        return flat.view(rows, seq, hidden)
+        return flat[:rows * seq].view(rows, seq, hidden)
 
     def embed_batch(self, batch: PackedBatch) -> Tensor:
         """The batch's inputs_embeds [rows, budget, hidden] with the slots filled."""
         embeds = self.decoder.embed(batch.input_ids)
-        return self.splice(embeds, batch.spans, batch.pixel_values)
+        return self.splice(embeds, batch.spans, batch.pixel_values, batch.slot_index)
 
     def forward(self, batch: PackedBatch) -> Tensor:
         """The decoder's final normed hidden states [rows, budget, hidden] of a PackedBatch (SFT or DPO)."""
@@ -377,7 +388,7 @@ class MultimodalLM(nn.Module):
                 params[name].copy_(value)
 
 
-def slot_index(spans: Sequence[PlacedSpan], kind: str, slots: int, tokens: int, device) -> Tensor:
+def slot_index_of(spans: Sequence[PlacedSpan], kind: str, slots: int, tokens: int, device) -> Tensor:
     """Flat positions of every `kind` slot token, by sample then slot, checked against the adapter output of
     `slots` x `tokens`: ValueError naming the kind and the counts when they differ."""
     ordered = sorted((s for s in spans if s.kind == kind), key=lambda s: (s.sample, s.index))

@@ -72,14 +72,22 @@ def replace_files(directory: Path, writers: dict[str, Callable[[str], None]]) ->
                 os.remove(temp)
 
 
-def save_adapter(model: nn.Module, path: Union[str, Path],
-                 base_model_name_or_path: Optional[str] = None) -> Path:
-    """Write `adapter_model.safetensors` + `adapter_config.json` as PEFT does; returns the directory."""
+def save_adapter(model: nn.Module, path: Union[str, Path], base_model_name_or_path: Optional[str] = None,
+                 tensors: Optional[dict[str, Tensor]] = None) -> Path:
+    """Write `adapter_model.safetensors` + `adapter_config.json` as PEFT does; returns the directory.
+
+    `tensors` (keys as adapter_state_dict's) are written instead of the model's live ones, e.g. full copies of
+    parameters that FSDP2 shards over ranks.
+    """
     state = require_lora_state(model, "save_adapter")
     directory = Path(path)
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"save_adapter: {directory} is a file; expected a directory to write the adapter into")
-    tensors = {key: t.detach().to("cpu", copy=True).contiguous() for key, t in adapter_state_dict(model).items()}
+    if tensors is None:
+        tensors = adapter_state_dict(model)
+    else:
+        tensors = checked_adapter_tensors(model, tensors, "save_adapter(tensors=...)")
+    tensors = {key: t.detach().to("cpu", copy=True).contiguous() for key, t in tensors.items()}
     if base_model_name_or_path is None:
         base_model_name_or_path = state.config.base_model_name_or_path
     if base_model_name_or_path is None:
@@ -125,8 +133,9 @@ def check_same_lora(current: LoraConfig, loaded: LoraConfig, source: Path) -> No
                              f"{name}={getattr(current, name)!r}; load into a model without LoRA instead")
 
 
-def copy_into(model: nn.Module, tensors: dict[str, Tensor], file: Path) -> None:
-    """Copy the file's tensors into the model's adapter, after checking keys and shapes match exactly."""
+def checked_adapter_tensors(model: nn.Module, tensors: dict[str, Tensor], source) -> dict[str, Tensor]:
+    """`tensors` in the model's adapter_state_dict key order (PEFT's duplicate bias copies dropped); ValueError
+    naming `source` unless keys and shapes match the model's adapter exactly."""
     state = require_lora_state(model, "load_adapter")
     expected = adapter_state_dict(model)
     if state.config.bias == "all":
@@ -134,15 +143,21 @@ def copy_into(model: nn.Module, tensors: dict[str, Tensor], file: Path) -> None:
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{file}: the adapter's keys do not match the model; missing: [{few(missing)}]; "
+        raise ValueError(f"{source}: the adapter's keys do not match the model; missing: [{few(missing)}]; "
                          f"unexpected: [{few(unexpected)}]")
     for key, target in expected.items():
         if tensors[key].shape != target.shape:
-            raise ValueError(f"{file}: {key} has shape {tuple(tensors[key].shape)}, the model expects "
+            raise ValueError(f"{source}: {key} has shape {tuple(tensors[key].shape)}, the model expects "
                              f"{tuple(target.shape)}")
+    return {key: tensors[key] for key in expected}
+
+
+def copy_into(model: nn.Module, tensors: dict[str, Tensor], file: Path) -> None:
+    """Copy the file's tensors into the model's adapter, after checking keys and shapes match exactly."""
+    checked = checked_adapter_tensors(model, tensors, file)
     with torch.no_grad():
-        for key, target in expected.items():
-            target.copy_(tensors[key])
+        for key, target in adapter_state_dict(model).items():
+            target.copy_(checked[key])
 
 
 def load_adapter(model: nn.Module, path: Union[str, Path]) -> nn.Module:

@@ -51,11 +51,13 @@ def step_dir_name(step: int) -> str:
 def save_checkpoint(output_dir: PathLike, step: int, *, tensors: Optional[dict[str, dict[str, Tensor]]] = None,
                     optimizer: Optional[torch.optim.Optimizer] = None, scheduler: Any = None, sampler: Any = None,
                     extra: Any = None, rng_states: Optional[list] = None, writers: Optional[dict[str, Writer]] = None,
-                    keep_last: int = 2) -> Path:
+                    keep_last: int = 2, optimizer_state: Optional[dict] = None) -> Path:
     """Write the checkpoint of `step` atomically and keep the newest `keep_last`; returns its directory.
 
     `tensors` maps a group name to named tensors, each group one `<name>.safetensors` (e.g. the projector);
     `writers` maps a sub-directory name to a function that fills it (e.g. `adapter_writer(model)`);
+    `optimizer_state` is an optimizer's state_dict() taken already (e.g. gathered from FSDP2 shards by
+    mrgfast.training.fsdp.gather_full_state), given instead of `optimizer`;
     `rng_states` is one capture_rng_state() per rank (default: this process's); `sampler`/`extra` are
     plain values (numbers, strings, lists, dicts, tensors). Everything goes to a temporary directory that
     is renamed into place only when complete, so an interrupted save never damages an older checkpoint.
@@ -64,13 +66,17 @@ def save_checkpoint(output_dir: PathLike, step: int, *, tensors: Optional[dict[s
         raise ValueError(f"save_checkpoint: step must be a non-negative int, got {step!r}")
     if keep_last < 1:
         raise ValueError(f"save_checkpoint: keep_last must be >= 1, got {keep_last}")
+    if optimizer is not None and optimizer_state is not None:
+        raise ValueError("save_checkpoint: give optimizer or optimizer_state, not both")
+    if optimizer is not None:
+        optimizer_state = optimizer.state_dict()
     root = Path(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(root)
     final = root / step_dir_name(step)
     temp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.tmp-"))
     try:
-        write_contents(temp, step, tensors or {}, optimizer, scheduler, sampler, extra,
+        write_contents(temp, step, tensors or {}, optimizer_state, scheduler, sampler, extra,
                        rng_states if rng_states is not None else [capture_rng_state()], writers or {})
         # mkdtemp makes the directory private (0700); a checkpoint should be as readable as other outputs.
         os.chmod(temp, 0o755)
@@ -82,7 +88,7 @@ def save_checkpoint(output_dir: PathLike, step: int, *, tensors: Optional[dict[s
     return final
 
 
-def write_contents(directory: Path, step: int, tensors: dict, optimizer, scheduler, sampler, extra,
+def write_contents(directory: Path, step: int, tensors: dict, optimizer_state, scheduler, sampler, extra,
                    rng_states: list, writers: dict[str, Writer]) -> None:
     """Fill a (temporary) checkpoint directory, manifest last."""
     for group, named in tensors.items():
@@ -92,7 +98,7 @@ def write_contents(directory: Path, step: int, tensors: dict, optimizer, schedul
         "format": FORMAT_VERSION,
         "step": step,
         "tensor_groups": sorted(tensors),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "optimizer": optimizer_state,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "rng_states": rng_states,
         "sampler": sampler,
@@ -232,12 +238,14 @@ def load_checkpoint(path: PathLike, *, optimizer: Optional[torch.optim.Optimizer
     return ckpt
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, source: Path) -> None:
-    """optimizer.load_state_dict, keeping each group's tensor `lr` the same tensor object (CUDA graphs
-    captured with it keep reading the right memory) with the saved value copied in."""
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, source: Path,
+                         load: Optional[Callable[[dict], Any]] = None) -> None:
+    """optimizer.load_state_dict (or `load`, e.g. one scattering a full state into FSDP2 shards), keeping each
+    group's tensor `lr` the same tensor object (CUDA graphs captured with it keep reading the right memory) with
+    the saved value copied in."""
     held = [group.get("lr") for group in optimizer.param_groups]
     try:
-        optimizer.load_state_dict(state)
+        (load or optimizer.load_state_dict)(state)
     except (ValueError, KeyError) as err:
         raise ValueError(f"{source}: optimizer state does not fit this optimizer ({err})") from err
     for group, old in zip(optimizer.param_groups, held):
@@ -263,9 +271,10 @@ def copy_tensors_into(module: nn.Module, tensors: dict[str, Tensor], source: str
             targets[name].copy_(value)
 
 
-def adapter_writer(model: nn.Module) -> Writer:
-    """A writer that saves `model`'s LoRA adapter in PEFT format (mrgfast.peft.save_adapter)."""
-    return lambda directory: save_adapter(model, directory)
+def adapter_writer(model: nn.Module, tensors: Optional[dict[str, Tensor]] = None) -> Writer:
+    """A writer that saves `model`'s LoRA adapter in PEFT format (mrgfast.peft.save_adapter); `tensors` are
+    written instead of the model's own (e.g. full copies of FSDP2-sharded parameters)."""
+    return lambda directory: save_adapter(model, directory, tensors=tensors)
 
 
 def sha256(file: Path) -> str:

@@ -234,9 +234,16 @@ class DistributedSection:
     strategy: Literal["ddp", "fsdp"] = "ddp"
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: NCCL on CUDA, gloo on CPU
     timeout_s: int = 1800
+    # fsdp only. false: shard the frozen base, keep the trainable weights whole on every rank; true: shard the
+    # trainable weights and their AdamW state too (large trainable sets: RAD3D's mapper, full fine-tuning).
+    # Checkpoints have the same format either way.
+    shard_trainable: bool = False
 
     def __post_init__(self):
         require(self.timeout_s >= 1, f"timeout_s must be >= 1, got {self.timeout_s}")
+        require(not self.shard_trainable or self.strategy == "fsdp",
+                f"distributed.shard_trainable=true needs distributed.strategy=fsdp (got strategy={self.strategy!r}); "
+                "DDP keeps a whole copy of every weight on each rank")
 
 
 @dataclass
@@ -248,8 +255,9 @@ class TrainConfig:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     resume: str = "auto"                        # auto: latest checkpoint in output_dir if any; none; or a path
-    # Capture forward + backward + AdamW in one CUDA graph, replayed while a step's packing layout repeats (off by
-    # default until the capture is verified on a GPU: tests/gpu/test_train_cuda_graph_gpu.py).
+    # SFT on CUDA: pad every batch to one static shape (mrgfast.data.static_batch) and capture forward + backward +
+    # AdamW in one CUDA graph, replayed every step. Off by default until the capture has run on a GPU
+    # (tests/gpu/test_train_cuda_graph_gpu.py); on CPU the step runs eagerly either way.
     cuda_graphs: bool = False
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -264,6 +272,8 @@ class TrainConfig:
     def __post_init__(self):
         require(bool(self.output_dir), "output_dir must not be empty")
         require(bool(self.resume), "resume must be 'auto', 'none' or a checkpoint path")
+        require(not (self.cuda_graphs and self.mode == "dpo"),
+                "cuda_graphs=true supports mode=sft only: DPO's shared-prompt layout changes shape with every batch")
 
 
 def load_config(path: Union[str, Path, None] = None, overrides: Sequence[str] = ()) -> TrainConfig:

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from mrgfast.data.packing import IGNORE_INDEX, PackedBatch, dpo_loss_inputs, dpo_sequence_logps
+from mrgfast.data.static_batch import StaticShape, make_static
 from mrgfast.losses.fused_dpo import fused_dpo_loss
 from mrgfast.models.attention import AttentionLayout, Segments
 from mrgfast.ops.linear_cross_entropy import linear_cross_entropy
@@ -72,16 +73,23 @@ def pair_count(batch: PackedBatch) -> int:
     return (batch.dpo_cu_seqlens.numel() - 1) // 2
 
 
-def prepare(batch: PackedBatch, device: torch.device, gather_supervised: bool = True) -> PackedBatch:
+def prepare(batch: PackedBatch, device: torch.device, static_shape: Optional[StaticShape] = None) -> PackedBatch:
     """The batch on `device` with its attention layout built on the host first (the decoder would otherwise
-    read cu_seqlens back from the device inside the step) and, with `gather_supervised`, the index of its
-    supervised positions: most positions of a multimodal batch are visual or prompt tokens without a label,
-    and the LM head (the largest GEMM of a small model's step) need not run on them. The index's length
-    varies per batch, so CUDA-graph runs (static shapes) leave it off and run the head on every position."""
+    read cu_seqlens back from the device inside the step).
+
+    With `static_shape` (CUDA graphs replay fixed shapes) the batch becomes a static one (make_static: fixed
+    [rows, budget], padded documents, samples and slot indices, no host values the step reads). Without it, two
+    savings that change shapes from batch to batch: the padding past the widest row's last sample is cut off
+    (PackedBatch.trimmed), and the index of the supervised positions is built, since most positions of a
+    multimodal batch are visual or prompt tokens without a label and the LM head (the largest GEMM of a small
+    model's step) need not run on them."""
+    if static_shape is not None:
+        return make_static(batch, static_shape).to(device)
+    batch = batch.trimmed()
     if batch.layout is None:
         total = batch.input_ids.numel()
         batch.layout = AttentionLayout.causal(Segments.from_cu_seqlens(batch.cu_seqlens, total, "cpu"))
-    if gather_supervised and batch.loss_index is None and batch.dpo_index is None:
+    if batch.loss_index is None and batch.dpo_index is None:
         batch.loss_index = (batch.labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
     return batch.to(device)
 

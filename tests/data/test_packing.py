@@ -212,6 +212,32 @@ def test_mrope_positions_match_transformers_get_rope_index(tok, reports):
 # --------------------------------------------------------------------------------- decoder on the batches
 
 @pytest.mark.parametrize("mrope", [False, True], ids=["rope", "mrope"])
+def test_trimmed_batch_drops_the_padding_tail_and_keeps_every_token(tok, reports, mrope):
+    builder = builder_for(tok, mrope)
+    decoder = tiny_decoder(tok.vocab_size, mrope)
+    samples = [builder(s) for s in reports[:5]]
+    budget = 3 * max(len(s) for s in samples) + 11  # rows end well short of the budget
+    batch = PackingCollator(budget, rows=3, builder=builder)(samples)
+    cut = batch.trimmed()
+    real = batch.sample_index >= 0
+    width = max(int(row.nonzero()[-1]) + 1 for row in real if row.any())
+    assert width < budget and cut.input_ids.shape == cut.labels.shape == cut.sample_index.shape == (3, width)
+    assert cut.position_ids.shape[-1] == width and cut.num_tokens == batch.num_tokens
+    bounds = cut.cu_seqlens.tolist()
+    assert bounds[0] == 0 and bounds[-1] == 3 * width and bounds == sorted(set(bounds))
+    assert all(r * width in bounds for r in range(3))  # still no document across a row
+    # The image placeholders moved with their tokens.
+    assert torch.equal(cut.sample_index.reshape(-1)[cut.span_index("image")],
+                       batch.sample_index.reshape(-1)[batch.span_index("image")])
+    # Every real token sees the same context: same hidden states, same per-token loss.
+    full = decoder(input_ids=batch.input_ids, **batch.decoder_inputs())[:, :width][real[:, :width]]
+    trimmed = decoder(input_ids=cut.input_ids, **cut.decoder_inputs())[cut.sample_index >= 0]
+    torch.testing.assert_close(trimmed, full, **FP32)
+    assert torch.equal(cut.labels[cut.sample_index >= 0], batch.labels[real])
+    assert cut.trimmed() is cut  # nothing left to cut
+
+
+@pytest.mark.parametrize("mrope", [False, True], ids=["rope", "mrope"])
 def test_packed_sft_loss_equals_unpacked_samples(tok, reports, mrope):
     builder = builder_for(tok, mrope)
     decoder = tiny_decoder(tok.vocab_size, mrope)

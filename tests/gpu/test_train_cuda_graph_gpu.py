@@ -1,7 +1,7 @@
-"""CUDA only: the real training step (MultimodalLM + LoRA + fused loss + capturable AdamW) captured by
-mrgfast.training.cuda_graph.StepRunner and replayed matches the same steps run eagerly; train() runs with graphs."""
+"""CUDA only: the real training step (MultimodalLM + LoRA + fused loss + capturable AdamW) on static batches of
+different packing layouts, captured by mrgfast.training.cuda_graph.StepRunner and replayed, matches the same steps
+run eagerly; train() with cuda_graphs replays every step after the warm-up."""
 
-import copy
 from pathlib import Path
 
 import torch
@@ -9,7 +9,8 @@ import torch
 from mrgfast.train import train
 from mrgfast.training.build import build_all
 from mrgfast.training.config import load_config
-from mrgfast.training.cuda_graph import StepRunner
+from mrgfast.data.static_batch import StaticShape
+from mrgfast.training.cuda_graph import StepRunner, signature
 from mrgfast.training.rng import seed_everything
 from mrgfast.training.steps import MicroBatch, StepSettings, prepare, supervised_tokens, train_step
 
@@ -28,14 +29,17 @@ def tiny(tmp_path, *extra):
 
 
 def micro_batches(pieces, device):
-    """Two host batches of identical structure (the second with other pixels) as step inputs."""
-    group = pieces.packed.batches()[0]
-    batch = pieces.collator([pieces.dataset[i] for i in group])
-    other = copy.deepcopy(batch)
-    other.pixel_values = torch.flip(other.pixel_values, dims=[-1])
-    norm = torch.tensor(float(supervised_tokens(batch)), device=device)
+    """Static micro-batches of two different packing groups (other documents, other images), as train() makes
+    them for CUDA graphs: both replay the same captured graph."""
+    shape = StaticShape.for_lengths(pieces.packed.lengths, pieces.packed.budget, pieces.packed.rows)
     one = torch.ones((), device=device)
-    return [[MicroBatch(prepare(b, device), norm, one)] for b in (batch, other)]
+    out = []
+    for group in pieces.packed.batches()[:2]:
+        batch = pieces.collator([pieces.dataset[i] for i in group])
+        norm = torch.tensor(float(supervised_tokens(batch)), device=device)
+        out.append([MicroBatch(prepare(batch, device, shape), norm, one)])
+    assert signature(out[0]) == signature(out[1])
+    return out
 
 
 def test_graph_replay_matches_eager(tmp_path):
@@ -64,7 +68,8 @@ def test_graph_replay_matches_eager(tmp_path):
 
 
 def test_train_on_cuda_logs_graph_use(tmp_path):
-    result = train(tiny(tmp_path, "schedule.max_steps=4", "telemetry.log_every=1", "cuda_graphs=true"))
+    result = train(tiny(tmp_path, "schedule.max_steps=6", "telemetry.log_every=1", "cuda_graphs=true"))
     last = result.history[-1]
-    assert result.step == 4 and torch.isfinite(torch.tensor(last["loss"]))
-    assert last["graph_replays"] + last["graph_eager_steps"] == 4
+    assert result.step == 6 and torch.isfinite(torch.tensor(last["loss"]))
+    # Warm-up steps run eagerly, then every step replays the graph: static batches share one signature.
+    assert last["graph_eager_steps"] == 3 and last["graph_replays"] == 3

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mrgfast.models.attention import Segments, attention_backend, varlen_attention
+from mrgfast.models.attention import AttentionLayout, Segments, attention_backend, varlen_attention
 
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 
@@ -95,4 +95,59 @@ def test_cuda_backend_matches_dense_reference(q_lengths, k_lengths):
     out = varlen_attention(q.cuda(), k.cuda(), v.cuda(), seg_q, seg_k)
     assert attention_backend(q.cuda()) in ("flash_attn", "torch_varlen")
     torch.testing.assert_close(out.float().cpu(), reference_attention(q, k, v, q_lengths, k_lengths),
+                               **TOLERANCE[torch.bfloat16])
+
+
+STATIC_ROWS = [[5, 1, 6], [4, 0, 8], [12]]  # rows of width 12: several documents, an empty one, a whole row
+
+
+def static_segments(rows, width: int, documents: int, device="cpu") -> Segments:
+    """Segments.static for rows of these document lengths, cu_seqlens padded with empty documents."""
+    bounds = [0]
+    for row, lengths in enumerate(rows):
+        for n in lengths:
+            bounds.append(bounds[-1] + n)
+        assert bounds[-1] == (row + 1) * width
+    bounds += [bounds[-1]] * (documents + 1 - len(bounds))
+    return Segments.static(torch.tensor(bounds, dtype=torch.int32, device=device), width)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("heads, kv_heads", [(4, 2), (3, 3)])
+def test_static_segments_match_dense_reference(dtype, heads, kv_heads):
+    g = torch.Generator().manual_seed(2)
+    lengths = [n for row in STATIC_ROWS for n in row]
+    q = torch.randn(36, heads, 8, generator=g).to(dtype).requires_grad_()
+    k = torch.randn(36, kv_heads, 8, generator=g).to(dtype).requires_grad_()
+    v = torch.randn(36, kv_heads, 8, generator=g).to(dtype).requires_grad_()
+    seg = static_segments(STATIC_ROWS, 12, documents=9)
+    out = varlen_attention(q, k, v, seg, seg)
+    ref = reference_attention(q, k, v, lengths, lengths)
+    torch.testing.assert_close(out.float(), ref, **TOLERANCE[dtype])
+    grad_out = torch.randn(q.shape, generator=g).to(dtype)
+    for name, grad, ref_grad in zip("qkv", torch.autograd.grad(out, (q, k, v), grad_out),
+                                    torch.autograd.grad(ref, (q, k, v), grad_out.float())):
+        torch.testing.assert_close(grad.float(), ref_grad.float(), **TOLERANCE[dtype], msg=name)
+
+
+def test_static_segments_hold_no_host_bounds_and_refuse_other_layouts():
+    seg = static_segments(STATIC_ROWS, 12, documents=9)
+    assert not seg.on_host and seg.cu_seqlens.shape == (10,)
+    with pytest.raises(ValueError, match="no host-side document lengths"):
+        seg.lengths
+    x = torch.zeros(36, 2, 8)
+    with pytest.raises(ValueError, match="causal self-attention only"):
+        varlen_attention(x, x, x, seg, Segments.from_lengths([12, 12, 12], "cpu"))
+    with pytest.raises(ValueError, match="row width 12 cannot cover 30 tokens"):
+        AttentionLayout.causal(seg).check(30)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_static_segments_on_cuda_match_dense_reference():
+    g = torch.Generator().manual_seed(3)
+    lengths = [n for row in STATIC_ROWS for n in row]
+    q, k, v = (torch.randn(36, h, 64, generator=g).bfloat16() for h in (4, 2, 2))
+    out = varlen_attention(q.cuda(), k.cuda(), v.cuda(), *[static_segments(STATIC_ROWS, 12, 9, "cuda")] * 2)
+    torch.testing.assert_close(out.float().cpu(), reference_attention(q, k, v, lengths, lengths),
                                **TOLERANCE[torch.bfloat16])

@@ -1,6 +1,9 @@
-"""Worker for the 2-process gloo test: collectives, a DDP step and an FSDP2 step on one shard of a global batch."""
+"""Workers for the 2-process gloo tests: collectives, a DDP step and an FSDP2 step on one shard of a global batch
+(`run`), and whole training runs of mrgfast.train (`train_runs`)."""
 
+import json
 import os
+import signal
 
 import torch
 from safetensors.torch import save_file
@@ -66,3 +69,35 @@ def run(rank: int, world_size: int, port: int, out_dir: str) -> None:
         out.update({f"{tag}.param.{n}": full(p) for n, p in model.named_parameters()})
     save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(out_dir, f"rank{rank}.safetensors"))
     teardown(ctx)
+
+
+def sigterm_at(stop_at):
+    """An on_step callback sending this process a real SIGTERM after step `stop_at` (None: never)."""
+    def on_step(step, outputs):
+        """Stop like a preempted job: the loop saves a checkpoint and returns."""
+        if step == stop_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+    return on_step
+
+
+def train_runs(rank: int, world_size: int, ports: list, runs: list, out_dir: str) -> None:
+    """torch.multiprocessing.spawn target: train each (config dict, stop_at step or None) in turn, each in a
+    fresh process group on its own port (re-using one port right after teardown can race); writes
+    `train-rank<r>.json`: per run the logged losses, the final step and whether the trainables were DTensors."""
+    from torch.distributed.tensor import DTensor
+
+    from mrgfast.train import train
+    from mrgfast.training.config import TrainConfig
+    from mrgfast.training.config_parse import build
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
+    torch.set_num_threads(1)
+    report = []
+    for port, (config, stop_at) in zip(ports, runs):
+        os.environ["MASTER_PORT"] = str(port)
+        result = train(build(TrainConfig, config), on_step=sigterm_at(stop_at))
+        trainable = [p for p in result.model.parameters() if p.requires_grad]
+        report.append({"losses": [r["loss"] for r in result.history], "step": result.step,
+                       "stopped": result.stopped_early,
+                       "trainable_sharded": all(isinstance(p, DTensor) for p in trainable)})
+    with open(os.path.join(out_dir, f"train-rank{rank}.json"), "w", encoding="utf-8") as handle:
+        json.dump(report, handle)

@@ -82,6 +82,7 @@ def test_base_loop_is_an_error(tmp_path):
     (["dpo.loss_type=hinge", "dpo.label_smoothing=0.1"], r"config section 'dpo': label_smoothing=0.1"),
     (["schedule.warmup_steps=500", "schedule.max_steps=100"], r"config section 'schedule': warmup_steps"),
     (["config=a.yaml", "config=b.yaml"], r"config= given twice"),
+    (["mode=dpo", "cuda_graphs=true"], r"cuda_graphs=true supports mode=sft only"),
 ])
 def test_bad_keys_and_values_name_the_key(argv, message):
     with pytest.raises(ConfigError, match=message):

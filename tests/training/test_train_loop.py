@@ -16,10 +16,12 @@ import yaml
 from safetensors.torch import load_file
 
 from mrgfast.data.packing import PackingCollator
+from mrgfast.data.static_batch import StaticShape, make_static
 from mrgfast.train import main, train
 from mrgfast.training.build import build_all
 from mrgfast.training.checkpoint import read_checkpoint
 from mrgfast.training.config import config_to_dict, load_config
+from mrgfast.training.cuda_graph import signature
 from mrgfast.training.guards import NonFiniteLossError
 from mrgfast.training.steps import MicroBatch, StepSettings, prepare, sft_loss, supervised_tokens, train_step
 from mrgfast.training.sync_guard import no_host_sync
@@ -115,15 +117,22 @@ def test_accumulation_equals_one_big_batch_and_clipping(cache, tmp_path):
     torch.testing.assert_close(moved, torch.tensor(1e-3), rtol=1e-3, atol=0)
 
 
-def test_head_on_supervised_rows_equals_head_on_every_row(cache, tmp_path):
+def static_shape(pieces) -> StaticShape:
+    """The run's static shape, as train() builds it for CUDA graphs."""
+    return StaticShape.for_lengths(pieces.packed.lengths, pieces.packed.budget, pieces.packed.rows)
+
+
+def test_eager_batches_trimmed_and_head_on_supervised_rows_equal_static_shapes(cache, tmp_path):
     config = tiny(cache, tmp_path, "data.shuffle=false", "data.rows=2")
     pieces = build_all(config, torch.device("cpu"))
     model = pieces.model.eval()  # no dropout: both calls see the same network
     (host,), _ = host_batches(pieces, 1)
     norm = torch.tensor(float(supervised_tokens(host)))
     gathered = prepare(copy.deepcopy(host), "cpu")
-    every_row = prepare(copy.deepcopy(host), "cpu", gather_supervised=False)
+    every_row = prepare(copy.deepcopy(host), "cpu", static_shape(pieces))
     assert every_row.loss_index is None and 0 < gathered.loss_index.numel() < host.labels.numel()
+    assert every_row.input_ids.shape == host.input_ids.shape and not every_row.layout.seg_q.on_host
+    assert gathered.input_ids.shape[1] == max(int(r.nonzero()[-1]) + 1 for r in host.sample_index >= 0)
     params = [p for p in model.parameters() if p.requires_grad]
     results = []
     for batch in (gathered, every_row):
@@ -134,18 +143,40 @@ def test_head_on_supervised_rows_equals_head_on_every_row(cache, tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("mode", ["sft", "dpo"])
+@pytest.mark.parametrize("mode", ["sft", "dpo", "sft-static"])
 def test_step_is_host_sync_free(cache, tmp_path, mode):
-    config = tiny(cache, tmp_path, f"mode={mode}", "optim.grad_accum_steps=2")
+    config = tiny(cache, tmp_path, f"mode={mode.split('-')[0]}", "optim.grad_accum_steps=2")
     pieces = build_all(config, torch.device("cpu"))
     params = [p for p in pieces.model.parameters() if p.requires_grad]
     batches, _ = host_batches(pieces, 2)
-    counts = [supervised_tokens(b) if mode == "sft" else (b.dpo_cu_seqlens.numel() - 1) // 2 for b in batches]
+    counts = [supervised_tokens(b) if mode != "dpo" else (b.dpo_cu_seqlens.numel() - 1) // 2 for b in batches]
     norm = torch.tensor(float(sum(counts)))
-    micros = [MicroBatch(prepare(b, "cpu"), norm, torch.tensor(c / sum(counts))) for b, c in zip(batches, counts)]
+    shape = static_shape(pieces) if mode == "sft-static" else None
+    micros = [MicroBatch(prepare(b, "cpu", shape), norm, torch.tensor(c / sum(counts)))
+              for b, c in zip(batches, counts)]
+    mode = mode.split("-")[0]
     with no_host_sync():
         out = train_step(pieces.model, pieces.optimizer, micros, StepSettings(mode=mode), params)
     assert torch.isfinite(out["loss"]) and torch.isfinite(out["grad_norm"])
+
+
+def test_static_batches_of_different_layouts_share_one_graph_signature(cache, tmp_path):
+    config = tiny(cache, tmp_path, "data.shuffle=false", "data.rows=2")
+    pieces = build_all(config, torch.device("cpu"))
+    batches, _ = host_batches(pieces, 4)
+    assert len({tuple(b.cu_seqlens.tolist()) for b in batches}) > 1  # the layouts do differ
+    shape = static_shape(pieces)
+    static = [prepare(copy.deepcopy(b), "cpu", shape) for b in batches]
+    assert len({signature(b) for b in static}) == 1  # so a captured graph replays for every one of them
+    assert len({signature(prepare(copy.deepcopy(b), "cpu")) for b in batches}) > 1  # eager batches differ
+    with pytest.raises(ValueError, match="more than max_samples=1 of its static shape"):
+        make_static(batches[0], StaticShape(max_documents=64, max_samples=1))
+    with pytest.raises(ValueError, match="more than max_documents=1 of its static shape"):
+        make_static(batches[0], StaticShape(max_documents=1, max_samples=64))
+    dpo = build_all(tiny(cache, tmp_path / "dpo", "mode=dpo"), torch.device("cpu"))
+    (pairs,), _ = host_batches(dpo, 1)
+    with pytest.raises(ValueError, match="support SFT batches only"):
+        make_static(pairs, shape)
 
 
 def test_checkpoints_every_n_and_at_end(cache, tmp_path):
