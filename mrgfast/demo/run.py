@@ -133,12 +133,15 @@ def sft_reference_logps(config) -> Path:
     return path
 
 
-def evaluate_stage(config, options: DemoOptions, checkpoint, name: str, output_dir: Path) -> dict:
-    """Metrics of the model `config` builds, with `checkpoint`'s weights (None: adapters at init), on the test split."""
-    model, tokenizer, builder, image_config, samples = prepare_eval(config, "test", checkpoint)
+def evaluate_stage(config, options: DemoOptions, checkpoint, name: str, output_dir: Path, split: str = "test",
+                   num_beams: Optional[int] = None) -> dict:
+    """Metrics of the model `config` builds, with `checkpoint`'s weights (None: adapters at init), on `split`
+    (decoded with `num_beams`, default the options')."""
+    model, tokenizer, builder, image_config, samples = prepare_eval(config, split, checkpoint)
     if options.eval_limit is not None:
         samples = samples[:options.eval_limit]
-    return evaluate_model(model, tokenizer, samples, builder, image_config, num_beams=options.num_beams,
+    beams = options.num_beams if num_beams is None else num_beams
+    return evaluate_model(model, tokenizer, samples, builder, image_config, num_beams=beams,
                           max_new_tokens=options.max_new_tokens, meteor=options.meteor, output_dir=output_dir,
                           name=name)
 
