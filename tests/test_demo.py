@@ -38,7 +38,7 @@ def test_fast_demo_writes_eval_json_with_every_run(demo):
         assert (demo["root"] / "out" / f"{run}.generations.jsonl").is_file()
     assert written["targets"] == {"report/BLEU_4": 0.3, "clinical/macro_f1": 0.7}
     assert written["timings"]["total_s"] > 0
-    assert written["decoding"] == {"num_beams": 2, "max_new_tokens": 8}  # fast mode's beam search
+    assert written["decoding"] == {"num_beams": 1, "max_new_tokens": 8}  # greedy, the default
     for stage in ("sft", "dpo"):
         assert (demo["root"] / "out" / stage / "config.yaml").is_file()
     assert written["checkpoints"]["sft"].endswith("step-000003")
@@ -158,3 +158,32 @@ def test_rendered_views_targets_follow_the_findings():
     assert torch.equal(lateral, frontal * mask)
     assert [name for name, m in zip(base_models.VIT_TARGETS, mask) if m] == list(base_models.LATERAL_TARGETS)
     assert torch.equal(frontal[:, 5], frontal[:, 1].maximum(frontal[:, 2]))  # effusion = left or right
+
+
+def test_selection_scores_on_val_and_picks_by_its_rules(demo):
+    """mrgfast.demo.select evaluates every candidate on the val split and its picks are what the stated rules give
+    on the metrics it wrote (checked here by recomputing the rules by hand)."""
+    from mrgfast.data.synthetic import demo_samples
+    from mrgfast.demo.select import BLEU_SLACK, F1_SLACK, Grid, run_selection
+    out = demo["root"] / "select"
+    options = dataclasses.replace(demo["options"], output_dir=str(out))
+    grid = Grid.fast()
+    run_selection(options, grid)
+    written = json.loads((out / "selection.json").read_text())
+    assert written["split"] == "val"
+    base = prepare_base_models(options.cache_dir, options.seed, FAST_SETTINGS, log=lambda _: None)
+    val_ids = [s.id for s in demo_samples(base.data_dir, "report", "val")][:4]  # fast mode scores 4 samples
+    for name in [f"sft-{s}-beam{b}" for s in grid.sft_steps for b in grid.beams] + ["dpo-0", "dpo-1"]:
+        rows = [json.loads(line) for line in (out / f"{name}.generations.jsonl").read_text().splitlines()]
+        assert [r["id"] for r in rows] == val_ids, name
+    sft = written["sft"]
+    assert [(c["sft_steps"], c["num_beams"]) for c in sft] == [(s, b) for s in grid.sft_steps for b in grid.beams]
+    best = max(sft, key=lambda c: c["metrics"]["report"]["BLEU_4"] + c["metrics"]["clinical"]["macro_f1"])
+    assert (written["picked"]["sft_steps"], written["picked"]["num_beams"]) == (best["sft_steps"], best["num_beams"])
+    f1, bleu = best["metrics"]["clinical"]["macro_f1"], best["metrics"]["report"]["BLEU_4"]
+    eligible = [c for c in written["dpo"] if c["metrics"]["clinical"]["macro_f1"] >= f1 - F1_SLACK
+                and c["metrics"]["report"]["BLEU_4"] >= bleu - BLEU_SLACK]
+    expected = min(eligible, key=lambda c: (c["metrics"]["hallucination"]["rate"], -c["metrics"]["clinical"]["macro_f1"],
+                                            -c["metrics"]["report"]["BLEU_4"])) if eligible else None
+    assert written["picked"]["dpo"] == (None if expected is None else
+                                        {k: expected[k] for k in ("dpo_steps", "dpo_lr", "dpo_beta")})

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import torch
 
 from mrgfast.demo.base_models import FAST_SETTINGS, BaseModelSettings, prepare_base_models
-from mrgfast.demo.run import DemoOptions, evaluate_stage, parse_options, sft_reference_logps, stage_config
+from mrgfast.demo.run import DemoOptions, command_line, evaluate_stage, sft_reference_logps, stage_config
 from mrgfast.metrics import write_eval_json
 
 SPLIT = "val"
@@ -28,7 +28,7 @@ SFT_RULE = "highest val BLEU_4 + clinical macro_f1 over (sft_steps, num_beams)"
 # DPO exists here to cut hallucinated findings, but not by giving up the report: a candidate qualifies only if
 # it keeps macro-F1 within 0.02 and BLEU-4 within 0.01 of its SFT start.
 DPO_RULE = ("lowest val hallucination rate among candidates within 0.02 macro_f1 and 0.01 BLEU_4 of the SFT pick; "
-            "ties: higher macro_f1")
+            "ties: higher macro_f1, then higher BLEU_4")
 F1_SLACK, BLEU_SLACK = 0.02, 0.01
 
 
@@ -49,7 +49,8 @@ def pick_dpo(sft_metrics: dict, candidates: Sequence[dict]) -> Optional[dict]:
                 and c["metrics"]["report"]["BLEU_4"] >= bleu - BLEU_SLACK]
     if not eligible:
         return None
-    return min(eligible, key=lambda c: (c["metrics"]["hallucination"]["rate"], -c["metrics"]["clinical"]["macro_f1"]))
+    return min(eligible, key=lambda c: (c["metrics"]["hallucination"]["rate"], -c["metrics"]["clinical"]["macro_f1"],
+                                        -c["metrics"]["report"]["BLEU_4"]))
 
 
 @dataclasses.dataclass
@@ -118,13 +119,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not any(a.lstrip("-").removeprefix("demo.").startswith("output_dir=") for a in argv):
         argv.append("demo.output_dir=runs/select")
-    try:
-        options = parse_options(argv)
-    except ValueError as err:
-        print(f"mrgfast.demo.select: {err}", file=sys.stderr)
-        return 2
-    run_selection(options)
-    return 0
+    return command_line(argv, "mrgfast.demo.select", run_selection)
 
 
 if __name__ == "__main__":

@@ -189,14 +189,21 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, seg_q: Segments, seg_k: Op
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
     backend = attention_backend(q)
+    if backend != "sdpa":
+        return fused_varlen(backend, q, k, v, seg_q, seg_k, scale)
+    return per_document_sdpa(q, k, v, seg_q, seg_k, scale)
+
+
+def fused_varlen(backend: str, q: Tensor, k: Tensor, v: Tensor, seg_q: Segments, seg_k: Segments,
+                 scale: Optional[float]) -> Tensor:
+    """flash-attn's ("flash_attn") or torch's ("torch_varlen") varlen kernel: reads only the device cu_seqlens
+    and the max lengths, bottom-right causal."""
     if backend == "flash_attn":
         from flash_attn import flash_attn_varlen_func
         return flash_attn_varlen_func(q, k, v, seg_q.cu_seqlens, seg_k.cu_seqlens, seg_q.max_len, seg_k.max_len,
                                       softmax_scale=scale, causal=True)
-    if backend == "torch_varlen":
-        return torch_varlen_attn()(q, k, v, seg_q.cu_seqlens, seg_k.cu_seqlens, seg_q.max_len, seg_k.max_len,
-                                   scale=scale, window_size=(-1, 0), enable_gqa=True)
-    return per_document_sdpa(q, k, v, seg_q, seg_k, scale)
+    return torch_varlen_attn()(q, k, v, seg_q.cu_seqlens, seg_k.cu_seqlens, seg_q.max_len, seg_k.max_len,
+                               scale=scale, window_size=(-1, 0), enable_gqa=True)
 
 
 def static_varlen_attention(q: Tensor, k: Tensor, v: Tensor, seg_q: Segments, seg_k: Segments,
@@ -210,13 +217,8 @@ def static_varlen_attention(q: Tensor, k: Tensor, v: Tensor, seg_q: Segments, se
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
     backend = attention_backend(q)
-    if backend == "flash_attn":
-        from flash_attn import flash_attn_varlen_func
-        return flash_attn_varlen_func(q, k, v, seg_q.cu_seqlens, seg_q.cu_seqlens, seg_q.max_len, seg_q.max_len,
-                                      softmax_scale=scale, causal=True)
-    if backend == "torch_varlen":
-        return torch_varlen_attn()(q, k, v, seg_q.cu_seqlens, seg_q.cu_seqlens, seg_q.max_len, seg_q.max_len,
-                                   scale=scale, window_size=(-1, 0), enable_gqa=True)
+    if backend != "sdpa":
+        return fused_varlen(backend, q, k, v, seg_q, seg_q, scale)
     return row_masked_sdpa(q, k, v, seg_q, scale)
 
 

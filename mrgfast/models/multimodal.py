@@ -374,15 +374,7 @@ class MultimodalLM(nn.Module):
         """Copy weights saved by trainable_state_dict into this model; ValueError naming missing or unexpected
         keys, or a shape mismatch."""
         params = dict(self.named_parameters())
-        expected = set(self.trainable_state_dict())
-        missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
-        if missing or unexpected:
-            raise ValueError(f"load_trainable_state_dict: missing keys {_few(missing)}; unexpected keys "
-                             f"{_few(unexpected)}")
-        for name, value in state_dict.items():
-            if tuple(value.shape) != tuple(params[name].shape):
-                raise ValueError(f"load_trainable_state_dict: {name!r} has shape {tuple(value.shape)}, the model's is "
-                                 f"{tuple(params[name].shape)}")
+        check_named_shapes(state_dict, params, self.trainable_state_dict(), "load_trainable_state_dict")
         with torch.no_grad():
             for name, value in state_dict.items():
                 params[name].copy_(value)
@@ -428,6 +420,19 @@ def prompt_parts(prompts) -> tuple:
         ids.append(row)
         spans.append(tuple(prompt.spans))
     return ids, spans
+
+
+def check_named_shapes(state: dict, params: dict, expected, source: str) -> None:
+    """ValueError naming `source` unless `state` holds exactly the `expected` names, each at the shape of the
+    parameter of that name in `params` (full shapes: a DTensor's shape is its global one)."""
+    expected = set(expected)
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{source}: missing keys {_few(missing)}; unexpected keys {_few(unexpected)}")
+    for name, value in state.items():
+        if tuple(value.shape) != tuple(params[name].shape):
+            raise ValueError(f"{source}: {name} has shape {tuple(value.shape)}, the model expects "
+                             f"{tuple(params[name].shape)}")
 
 
 def _few(names: list, limit: int = 8) -> str:

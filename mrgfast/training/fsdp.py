@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from mrgfast.models.multimodal import check_named_shapes
 from mrgfast.peft.adapter_io import (adapter_state_dict, check_same_lora, checked_adapter_tensors,
                                      read_adapter_weights)
 from mrgfast.peft.config import CONFIG_NAME, LoraConfig
@@ -142,16 +143,7 @@ def scatter_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, weigh
 
 def check_full_weights(model: nn.Module, weights: dict[str, Tensor], source) -> None:
     """ValueError naming `source` unless `weights` holds exactly the trainable parameters, each at full shape."""
-    params = dict(model.named_parameters())
-    expected = trainable_names(model)
-    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{source}: the trainable weights do not match the model; missing: {missing[:3]}, "
-                         f"unexpected: {unexpected[:3]}")
-    for name, value in weights.items():
-        if tuple(value.shape) != tuple(params[name].shape):
-            raise ValueError(f"{source}: {name} has shape {tuple(value.shape)}, the model expects "
-                             f"{tuple(params[name].shape)}")
+    check_named_shapes(weights, dict(model.named_parameters()), trainable_names(model), source)
 
 
 def adapter_names(model: nn.Module, decoder: nn.Module) -> dict[str, str]:
