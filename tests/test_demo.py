@@ -173,7 +173,8 @@ def test_selection_scores_on_val_and_picks_by_its_rules(demo):
     assert written["split"] == "val"
     base = prepare_base_models(options.cache_dir, options.seed, FAST_SETTINGS, log=lambda _: None)
     val_ids = [s.id for s in demo_samples(base.data_dir, "report", "val")][:4]  # fast mode scores 4 samples
-    for name in [f"sft-{s}-beam{b}" for s in grid.sft_steps for b in grid.beams] + ["dpo-0", "dpo-1"]:
+    dpo_names = [f"dpo-sft{written['picked']['sft_steps']}-{s}steps-lr{lr:g}-beta{b:g}" for s, lr, b in grid.dpo]
+    for name in [f"sft-{s}-beam{b}" for s in grid.sft_steps for b in grid.beams] + dpo_names:
         rows = [json.loads(line) for line in (out / f"{name}.generations.jsonl").read_text().splitlines()]
         assert [r["id"] for r in rows] == val_ids, name
     sft = written["sft"]
@@ -187,3 +188,9 @@ def test_selection_scores_on_val_and_picks_by_its_rules(demo):
                                             -c["metrics"]["report"]["BLEU_4"])) if eligible else None
     assert written["picked"]["dpo"] == (None if expected is None else
                                         {k: expected[k] for k in ("dpo_steps", "dpo_lr", "dpo_beta")})
+    # A second sweep into the same directory reuses the finished runs (resume=auto) and picks the same.
+    manifests = sorted(out.glob("*/step-*/manifest.json"))
+    stamps = [m.stat().st_mtime_ns for m in manifests]
+    run_selection(options, grid)
+    assert [m.stat().st_mtime_ns for m in manifests] == stamps and len(manifests) == 4  # 2 SFT + 2 DPO runs
+    assert json.loads((out / "selection.json").read_text())["picked"] == written["picked"]

@@ -86,10 +86,11 @@ def parse_options(argv: Sequence[str]) -> DemoOptions:
     return DemoOptions(**values)
 
 
-def stage_config(base: BaseModels, options: DemoOptions, mode: str, output_dir: Path, init_from=None):
+def stage_config(base: BaseModels, options: DemoOptions, mode: str, output_dir: Path, init_from=None,
+                 resume: str = "none"):
     """The TrainConfig of one demo stage: configs/demo.yaml pointed at the pretrained models and data."""
     from mrgfast.training.config import load_config
-    overrides = [f"mode={mode}", f"output_dir={output_dir}", f"seed={options.seed}", "resume=none",
+    overrides = [f"mode={mode}", f"output_dir={output_dir}", f"seed={options.seed}", f"resume={resume}",
                  f"model.name_or_path={base.decoder_dir}", f"model.vision_name_or_path={base.vision_dir}",
                  f"model.group_size={base.settings.group}", "data.dataset=synthetic", f"data.path={base.data_dir}",
                  "data.split=train", f"data.rows={options.rows}", "telemetry.progress_bar=false",

@@ -20,7 +20,8 @@ from mrgfast.demo.run import DemoOptions, command_line, evaluate_stage, sft_refe
 from mrgfast.metrics import write_eval_json
 
 SPLIT = "val"
-SFT_STEPS = (600, 1000, 1600)
+# Widened from (600, 1000, 1600) when the val pick sat at the grid's longest run (see README).
+SFT_STEPS = (600, 1000, 1600, 2400, 3200)
 BEAMS = (1, 3)
 # (steps, lr, beta): around the gentle end, since DPO starts next to its reference (pi_ref = pi_SFT).
 DPO_CANDIDATES = ((120, 1e-4, 2.0), (120, 5e-5, 2.0), (120, 1e-4, 0.5), (60, 3e-4, 2.0))
@@ -80,7 +81,9 @@ def run_selection(options: DemoOptions, grid: Optional[Grid] = None,
 
     sft_runs = []
     for steps in grid.sft_steps:
-        config = stage_config(base, dataclasses.replace(options, sft_steps=steps), "sft", out / f"sft-{steps}")
+        # resume=auto: a run finished by an earlier sweep into the same directory is reused, not retrained.
+        config = stage_config(base, dataclasses.replace(options, sft_steps=steps), "sft", out / f"sft-{steps}",
+                              resume="auto")
         checkpoint = train(config).checkpoint
         for beams in grid.beams:
             metrics = evaluate_stage(config, options, checkpoint, f"sft-{steps}-beam{beams}", out, SPLIT, beams)
@@ -92,12 +95,13 @@ def run_selection(options: DemoOptions, grid: Optional[Grid] = None,
 
     dpo_runs = []
     chosen = dataclasses.replace(options, sft_steps=sft["sft_steps"], num_beams=sft["num_beams"])
-    for index, (steps, lr, beta) in enumerate(grid.dpo):
+    for steps, lr, beta in grid.dpo:
         candidate = dataclasses.replace(chosen, dpo_steps=steps, dpo_lr=lr, dpo_beta=beta)
-        config = stage_config(base, candidate, "dpo", out / f"dpo-{index}", init_from=sft["checkpoint"])
+        name = f"dpo-sft{sft['sft_steps']}-{steps}steps-lr{lr:g}-beta{beta:g}"  # a reused run must match all of it
+        config = stage_config(base, candidate, "dpo", out / name, init_from=sft["checkpoint"], resume="auto")
         sft_reference_logps(config)
         checkpoint = train(config).checkpoint
-        metrics = evaluate_stage(config, candidate, checkpoint, f"dpo-{index}", out, SPLIT)
+        metrics = evaluate_stage(config, candidate, checkpoint, name, out, SPLIT)
         dpo_runs.append({"dpo_steps": steps, "dpo_lr": lr, "dpo_beta": beta, "checkpoint": str(checkpoint),
                          "metrics": metrics})
         print(f"[select] DPO {steps} steps lr {lr:g} beta {beta:g}: hallucination "
