@@ -179,7 +179,7 @@ def autocast(device: torch.device):
 
 def all_rows(micro: MicroBatch) -> MicroBatch:
     """The micro-batch without its supervised-row index: the head runs on every position (the ablation)."""
-    return replace(micro, batch=replace(micro.batch, loss_index=None))
+    return replace(micro, batch=replace(micro.batch, loss_rows=None))
 
 
 def check_agreement(setup: Setup, device: torch.device, dtype: torch.dtype) -> dict:

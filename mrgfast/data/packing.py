@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from mrgfast.data.prompts import Span, TokenizedPair, TokenizedSample
-from mrgfast.models.attention import AttentionLayout
+from mrgfast.models.attention import AttentionLayout, OutputRows
 from mrgfast.ops.linear_cross_entropy import linear_logprobs
 from mrgfast.ops.sequence_logprobs import sequence_logprobs
 
@@ -195,8 +195,10 @@ class PackedBatch:
     says which sample (index into sample_ids) each token belongs to, -1 for padding. DPO batches add
     `layout` (shared prompts) and dpo_index/dpo_labels/dpo_cu_seqlens: the flat positions that predict
     each chosen then each rejected completion token, the tokens, and the 2P sequence bounds (see
-    dpo_loss_inputs). `slot_index` replaces `spans` in static batches (see make_static). `loss_index`, when set (mrgfast.training.steps.prepare does it on the host), lists the
-    flat positions whose label is not IGNORE_INDEX, so the LM head runs on supervised rows only.
+    dpo_loss_inputs). `slot_index` replaces `spans` in static batches (see make_static). `loss_rows`, when
+    set (mrgfast.training.steps.prepare builds it on the host), are the rows the SFT loss reads, from each
+    document's first supervised position to its end: the decoder returns only their hidden states (its last
+    block and the LM head run on them alone).
     """
 
     input_ids: Tensor
@@ -213,7 +215,7 @@ class PackedBatch:
     dpo_index: Optional[Tensor] = None
     dpo_labels: Optional[Tensor] = None
     dpo_cu_seqlens: Optional[Tensor] = None
-    loss_index: Optional[Tensor] = None
+    loss_rows: Optional[OutputRows] = None
     slot_index: Optional[dict] = None   # static batches (mrgfast.data.static_batch): {kind: flat positions}
 
     @property
@@ -255,17 +257,23 @@ class PackedBatch:
         return torch.cat([torch.arange(s.start, s.start + s.length) for s in spans]).to(self.input_ids.device)
 
     def decoder_inputs(self) -> dict:
-        """Keyword arguments of Decoder.forward besides the tokens: position_ids and cu_seqlens or layout."""
+        """Keyword arguments of Decoder.forward besides the tokens: position_ids, cu_seqlens or layout, and
+        output_rows when the batch has loss_rows."""
+        out = dict(position_ids=self.position_ids)
         if self.layout is not None:
-            return dict(position_ids=self.position_ids, layout=self.layout)
-        return dict(position_ids=self.position_ids, cu_seqlens=self.cu_seqlens)
+            out["layout"] = self.layout
+        else:
+            out["cu_seqlens"] = self.cu_seqlens
+        if self.loss_rows is not None:
+            out["output_rows"] = self.loss_rows
+        return out
 
     def to(self, device) -> "PackedBatch":
         """The batch with its tensors on `device`."""
         moved = {}
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if isinstance(value, (Tensor, AttentionLayout)):
+            if isinstance(value, (Tensor, AttentionLayout, OutputRows)):
                 value = value.to(device)
             elif isinstance(value, dict):
                 value = {k: v.to(device) for k, v in value.items()}

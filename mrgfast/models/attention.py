@@ -147,6 +147,39 @@ class AttentionLayout:
         return AttentionLayout(seg_q, seg_q if self.seg_k is self.seg_q else self.seg_k.to(device), index)
 
 
+@dataclasses.dataclass
+class OutputRows:
+    """Rows of a packed stream whose final hidden states are needed (`index`, ascending), one suffix of each
+    document (`seg`: their lengths, 0 for a document with none): bottom-right causal attention then lets each
+    such row see exactly the keys it sees in the full stream."""
+
+    index: Tensor
+    seg: Segments
+
+    @classmethod
+    def suffixes(cls, seg: Segments, starts: Sequence[int], device) -> "OutputRows":
+        """For documents `seg` (host bounds), the rows from starts[i] (a position in the stream inside document
+        i, or its end for none) to the end of each document."""
+        ends = seg.bounds[1:]
+        if len(starts) != len(ends) or any(not a <= s <= e for a, s, e in zip(seg.bounds, starts, ends)):
+            raise ValueError(f"output rows: each start must lie inside its document {seg.bounds}, got {list(starts)}")
+        index = torch.cat([torch.arange(s, e) for s, e in zip(starts, ends)]) if ends else torch.zeros(0)
+        return cls(index.to(device=device, dtype=torch.long), Segments.from_lengths(
+            [e - s for s, e in zip(starts, ends)], device))
+
+    def check(self, layout: AttentionLayout, cache) -> None:
+        """ValueError unless these rows fit `layout`: plain causal documents, host bounds, no KV cache."""
+        if cache is not None or layout.kv_index is not None or not layout.seg_q.on_host:
+            raise ValueError("output_rows needs the plain causal layout with host bounds and no KV cache")
+        if len(self.seg.bounds) != len(layout.seg_q.bounds):
+            raise ValueError(f"output_rows has {len(self.seg.bounds) - 1} documents, the layout "
+                             f"{len(layout.seg_q.bounds) - 1}")
+
+    def to(self, device) -> "OutputRows":
+        """The same rows with their tensors on `device`."""
+        return OutputRows(self.index.to(device), self.seg.to(device))
+
+
 @functools.lru_cache(maxsize=None)
 def flash_attn_available() -> bool:
     """Whether the flash-attn package can be imported."""

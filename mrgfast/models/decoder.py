@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from mrgfast.models.attention import AttentionLayout, Segments, varlen_attention
+from mrgfast.models.attention import AttentionLayout, OutputRows, Segments, varlen_attention
 from mrgfast.models.config import DecoderConfig
 from mrgfast.models.rope import RotaryEmbedding, apply_rope
 
@@ -41,19 +41,25 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hidden, kv_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(q_dim, hidden, bias=config.o_bias)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, layout: AttentionLayout, cache=None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, layout: AttentionLayout, cache=None,
+                rows: Optional[OutputRows] = None) -> Tensor:
         """Attention output [T, hidden]; keys follow `layout` (gathered when it says so), and with a KV cache the
-        new keys join each sequence's cached ones."""
+        new keys join each sequence's cached ones. With `rows`, only those rows query (keys and values still
+        come from every token): the output is [len(rows.index), hidden]."""
         tokens = x.shape[0]
-        q = apply_rope(self.q_proj(x).view(tokens, self.num_heads, self.head_dim), cos, sin)
         k = apply_rope(self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+        seg_q = layout.seg_q
+        if rows is not None:
+            x, cos, sin, seg_q = (x.index_select(0, rows.index), cos.index_select(0, rows.index),
+                                  sin.index_select(0, rows.index), rows.seg)
+        q = apply_rope(self.q_proj(x).view(x.shape[0], self.num_heads, self.head_dim), cos, sin)
         k, v = layout.gather(k, v)
         seg_k = layout.seg_k
         if cache is not None:
             k, v, seg_k = cache.update(self.layer_idx, k, v)
-        out = varlen_attention(q, k, v, layout.seg_q, seg_k, scale=self.head_dim ** -0.5)
-        return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))
+        out = varlen_attention(q, k, v, seg_q, seg_k, scale=self.head_dim ** -0.5)
+        return self.o_proj(out.reshape(x.shape[0], self.num_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -81,9 +87,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, layout: AttentionLayout, cache=None) -> Tensor:
-        """The block's output [T, hidden]."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layout, cache)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, layout: AttentionLayout, cache=None,
+                rows: Optional[OutputRows] = None) -> Tensor:
+        """The block's output [T, hidden] (with `rows`: for those rows only, [len(rows.index), hidden])."""
+        attended = self.self_attn(self.input_layernorm(x), cos, sin, layout, cache, rows)
+        x = (x if rows is None else x.index_select(0, rows.index)) + attended
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -114,7 +122,7 @@ class Decoder(nn.Module):
 
     def forward(self, input_ids: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None,
                 position_ids: Optional[Tensor] = None, cu_seqlens=None, cache=None,
-                layout: Optional[AttentionLayout] = None) -> Tensor:
+                layout: Optional[AttentionLayout] = None, output_rows: Optional[OutputRows] = None) -> Tensor:
         """Final normed hidden states [B, S, hidden] for input_ids [B, S] or inputs_embeds [B, S, hidden].
 
         cu_seqlens (int32, [docs + 1]) marks documents in the flattened B*S stream, which attend only within
@@ -123,6 +131,10 @@ class Decoder(nn.Module):
         `layout` (an AttentionLayout, instead of cu_seqlens; no cache) lets a document's queries attend to keys
         gathered from elsewhere in the stream, e.g. DPO's shared prompt; default positions then start each
         document after its extra keys.
+
+        `output_rows` (training: the rows a loss reads, a suffix of each document) returns the final hidden
+        states of those rows only, [len(output_rows.index), hidden]: the last block then computes its queries,
+        attention output and MLP for them alone (exact: its keys and values still cover every token).
         """
         x = self.input_embeddings(input_ids, inputs_embeds)
         batch, seq, hidden = x.shape
@@ -134,13 +146,19 @@ class Decoder(nn.Module):
         h = x.reshape(batch * seq, hidden)
         if cache is not None:
             cache.begin(seg.lengths)  # document i of this forward extends cached sequence i
-        for layer in self.model.layers:
+        if output_rows is not None:
+            output_rows.check(layout, cache)
+        last = len(self.model.layers) - 1
+        for i, layer in enumerate(self.model.layers):
+            rows = output_rows if i == last else None
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None:
-                h = checkpoint(layer, h, cos, sin, layout, use_reentrant=False)
+                h = checkpoint(layer, h, cos, sin, layout, None, rows, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, layout, cache)
+                h = layer(h, cos, sin, layout, cache, rows)
         if cache is not None:
             cache.commit()
+        if output_rows is not None:
+            return self.model.norm(h)
         return self.model.norm(h).view(batch, seq, hidden)
 
     def compute_logits(self, hidden: Tensor) -> Tensor:

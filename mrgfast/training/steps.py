@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from mrgfast.data.packing import IGNORE_INDEX, PackedBatch, dpo_loss_inputs, dpo_sequence_logps
 from mrgfast.data.static_batch import StaticShape, make_static
 from mrgfast.losses.fused_dpo import fused_dpo_loss
-from mrgfast.models.attention import AttentionLayout, Segments
+from mrgfast.models.attention import AttentionLayout, OutputRows, Segments
 from mrgfast.ops.linear_cross_entropy import linear_cross_entropy
 from mrgfast.peft import disable_adapters
 from mrgfast.peft.state import get_lora_state
@@ -80,18 +80,27 @@ def prepare(batch: PackedBatch, device: torch.device, static_shape: Optional[Sta
     With `static_shape` (CUDA graphs replay fixed shapes) the batch becomes a static one (make_static: fixed
     [rows, budget], padded documents, samples and slot indices, no host values the step reads). Without it, two
     savings that change shapes from batch to batch: the padding past the widest row's last sample is cut off
-    (PackedBatch.trimmed), and the index of the supervised positions is built, since most positions of a
-    multimodal batch are visual or prompt tokens without a label and the LM head (the largest GEMM of a small
-    model's step) need not run on them."""
+    (PackedBatch.trimmed), and an SFT batch gets `loss_rows`, each document's rows from its first supervised
+    position on: most positions of a multimodal batch are visual or prompt tokens without a label, and neither
+    the LM head (the largest GEMM of a small model's step) nor the last block's queries and MLP need run there."""
     if static_shape is not None:
         return make_static(batch, static_shape).to(device)
     batch = batch.trimmed()
     if batch.layout is None:
         total = batch.input_ids.numel()
         batch.layout = AttentionLayout.causal(Segments.from_cu_seqlens(batch.cu_seqlens, total, "cpu"))
-    if batch.loss_index is None and batch.dpo_index is None:
-        batch.loss_index = (batch.labels.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+    if batch.loss_rows is None and batch.dpo_index is None:
+        batch.loss_rows = supervised_suffixes(batch.labels.reshape(-1), batch.layout.seg_q)
     return batch.to(device)
+
+
+def supervised_suffixes(labels: Tensor, seg: Segments) -> OutputRows:
+    """OutputRows from each document's first supervised (labelled) position to its end (none: empty)."""
+    supervised = (labels != IGNORE_INDEX).tolist()
+    starts = []
+    for start, end in zip(seg.bounds, seg.bounds[1:]):
+        starts.append(next((i for i in range(start, end) if supervised[i]), end))
+    return OutputRows.suffixes(seg, starts, "cpu")
 
 
 def autocast(device: torch.device, dtype: Optional[torch.dtype]):
@@ -103,12 +112,12 @@ def autocast(device: torch.device, dtype: Optional[torch.dtype]):
 
 def sft_loss(model: nn.Module, micro: MicroBatch) -> Tensor:
     """Summed token cross-entropy of the micro-batch divided by the global batch's token count (fused head)."""
-    hidden = model(micro.batch)
+    hidden = model(micro.batch)  # [loss rows, hidden] when the batch has loss_rows, else [rows, seq, hidden]
     weight, bias = head(model)
     flat = hidden.reshape(-1, hidden.shape[-1]).to(weight.dtype)
     labels = micro.batch.labels.reshape(-1)
-    if micro.batch.loss_index is not None:
-        flat, labels = flat.index_select(0, micro.batch.loss_index), labels.index_select(0, micro.batch.loss_index)
+    if micro.batch.loss_rows is not None:
+        labels = labels.index_select(0, micro.batch.loss_rows.index)
     return linear_cross_entropy(flat, weight, labels, bias, num_items_in_batch=micro.num_items)
 
 

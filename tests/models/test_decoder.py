@@ -7,6 +7,7 @@ import torch
 
 from mrgfast.layers import LoRALinear
 from mrgfast.models import load_decoder
+from mrgfast.models.attention import OutputRows, Segments
 from mrgfast.peft import LoraConfig, apply_lora, save_adapter
 from tests.models.tiny_hf import TEXT_MODELS, hf_logits, our_logits, random_ids, vl_embeds_and_positions, vl_inputs
 
@@ -151,6 +152,36 @@ def test_gradient_checkpointing_gives_the_same_gradients(hf_model):
         decoder.compute_logits(decoder(input_ids=ids, cu_seqlens=[0, 3, 10])).square().mean().backward()
     for p, q in zip(plain.parameters(), checkpointed.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name, checkpointing", [("qwen2", False), ("llama", True), ("qwen2_vl", False)])
+def test_output_rows_equal_the_same_rows_of_the_full_stream(hf_model, name, checkpointing):
+    _, path = hf_model(name)
+    full_model, rows_model = load_decoder(path).train(), load_decoder(path).train()
+    rows_model.gradient_checkpointing = checkpointing
+    ids = random_ids(1, 16, seed=15)
+    bounds = [0, 5, 6, 12, 16]
+    seg = Segments.from_lengths([5, 1, 6, 4], "cpu")
+    # A suffix from inside the document, an empty one, a whole document, the last token alone.
+    rows = OutputRows.suffixes(seg, [2, 6, 6, 15], "cpu")
+    assert rows.index.tolist() == [2, 3, 4, 6, 7, 8, 9, 10, 11, 15] and rows.seg.lengths == [3, 0, 6, 1]
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 0, 1, 2, 3, 4, 5, 0, 1, 2, 3]])
+    if name == "qwen2_vl":  # distinct M-RoPE axes, so the rows must take their own cos/sin
+        positions = torch.stack([positions, positions * 2, positions + 1])
+    weights = torch.randn(10, 128, generator=torch.Generator().manual_seed(16))
+    full = full_model(input_ids=ids, position_ids=positions, cu_seqlens=bounds)[0].index_select(0, rows.index)
+    kept = rows_model(input_ids=ids, position_ids=positions, cu_seqlens=bounds, output_rows=rows)
+    assert kept.shape == (10, full.shape[-1])
+    torch.testing.assert_close(kept, full, **FP32)
+    (full_model.compute_logits(full) * weights).sum().backward()
+    (rows_model.compute_logits(kept) * weights).sum().backward()
+    for (n, p), q in zip(full_model.named_parameters(), rows_model.parameters()):
+        assert_grads_close(q.grad, p.grad, n)
+    with pytest.raises(ValueError, match="each start must lie inside its document"):
+        OutputRows.suffixes(seg, [2, 7, 6, 15], "cpu")
+    with pytest.raises(ValueError, match="output_rows has 2 documents, the layout 4"):
+        rows_model(input_ids=ids, cu_seqlens=bounds, output_rows=OutputRows.suffixes(
+            Segments.from_lengths([6, 10], "cpu"), [0, 6], "cpu"))
 
 
 def test_bad_inputs_raise_clear_errors(hf_model):

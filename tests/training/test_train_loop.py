@@ -130,7 +130,7 @@ def test_eager_batches_trimmed_and_head_on_supervised_rows_equal_static_shapes(c
     norm = torch.tensor(float(supervised_tokens(host)))
     gathered = prepare(copy.deepcopy(host), "cpu")
     every_row = prepare(copy.deepcopy(host), "cpu", static_shape(pieces))
-    assert every_row.loss_index is None and 0 < gathered.loss_index.numel() < host.labels.numel()
+    assert every_row.loss_rows is None and 0 < gathered.loss_rows.index.numel() < host.labels.numel()
     assert every_row.input_ids.shape == host.input_ids.shape and not every_row.layout.seg_q.on_host
     assert gathered.input_ids.shape[1] == max(int(r.nonzero()[-1]) + 1 for r in host.sample_index >= 0)
     params = [p for p in model.parameters() if p.requires_grad]
