@@ -9,17 +9,18 @@ Llama-2's 32k vocabulary. Data: the synthetic IU-Xray-like reports (two views pe
   (masked_scatter, as LLaVA-style code does), `model(inputs_embeds=, attention_mask=, labels=).loss`, backward,
   clip to 1.0, torch AdamW;
 - candidate ("mrgfast"): MultimodalLM + mrgfast LoRA on PACKED fixed-budget batches (PackingCollator), the engine's
-  own `mrgfast.training.steps.train_step` (fused linear cross-entropy head on the supervised rows only, gathered
-  with the index `prepare` builds on the host; clip, AdamW).
+  own `mrgfast.training.steps.train_step` as `prepare` sets it up on the host: the batch cut to its widest row,
+  and `loss_rows` (each document from its first supervised position on), the only rows the last decoder block's
+  queries/MLP and the fused linear cross-entropy head run on; clip, AdamW.
 
 Every step trains on the same samples on both sides (the packer's groups; the baseline pads each group), so the
 supervised tokens per step are equal and the tokens/s ratio is the step-time ratio. Collation happens before timing
 on both sides (a DataLoader worker's job). The losses (and the projector's gradient) of both are checked to agree
 on the first batch before anything is timed; the script exits non-zero otherwise.
 
-Ablation ("mrgfast_all_rows", what the engine runs only under CUDA graphs, whose shapes must be static): the same
-step with the head run on every position of the packed rows, ~90% of them unsupervised (visual tokens, prompt,
-padding); it measures what the supervised-row gather saves.
+Ablation ("mrgfast_all_rows"): the same step without `loss_rows`, so the last block and the head run on every
+position of the (trimmed) packed rows, ~90% of them unsupervised (visual tokens, prompt); it measures what the
+loss rows save. CUDA-graph runs go further from this (static [rows, budget] batches, head on every slot).
 """
 
 import copy

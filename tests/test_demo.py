@@ -194,3 +194,26 @@ def test_selection_scores_on_val_and_picks_by_its_rules(demo):
     run_selection(options, grid)
     assert [m.stat().st_mtime_ns for m in manifests] == stamps and len(manifests) == 4  # 2 SFT + 2 DPO runs
     assert json.loads((out / "selection.json").read_text())["picked"] == written["picked"]
+
+
+def test_bleu_ceiling_oracles_know_the_findings_not_the_phrasing(demo):
+    """The oracles' references are the split's own reports, a fixed phrasing tuned on them scores at least as well
+    as the random redraw, and the fixed phrasing never writes a wrong finding (its labels equal the references')."""
+    from mrgfast.data.labeler import label_report
+    from mrgfast.data.synthetic import reports
+    from mrgfast.data.synthetic.demo import chest_xray_studies
+    from mrgfast.demo.bleu_ceiling import ceilings, fixed_picker
+    result = ceilings("val", FAST_SETTINGS, seed=demo["options"].seed, rounds=1)
+    base = prepare_base_models(demo["options"].cache_dir, demo["options"].seed, FAST_SETTINGS, log=lambda _: None)
+    annotation = json.loads((base.data_dir / "iu_xray" / "annotation.json").read_text())
+    written = {s["id"]: s["report"] for s in annotation["val"]}
+    studies = [(i, f, st) for sp, i, f, _, st in chest_xray_studies(0, FAST_SETTINGS.n_studies,
+                                                                     FAST_SETTINGS.image_size) if sp == "val"]
+    assert result["n"] == len(studies) == len(written) > 0
+    assert all(reports.write_report(f, st) == written[i] for i, f, st in studies)
+    assert 0 < result["random_phrasing"] <= result["best_fixed_phrasing"] <= 1
+    for _, f, st in studies:
+        assert label_report(reports.write_report(f, st, fixed_picker(result["choice"]))) == label_report(
+            reports.write_report(f, st))
+    with pytest.raises(ValueError, match="no studies in split 'dev'"):
+        ceilings("dev", FAST_SETTINGS)

@@ -40,6 +40,16 @@ def _write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
 
 
+def chest_xray_studies(seed: int, n: int, size: int):
+    """Every study of the chest X-ray set, in order: (split, study id, findings, [frontal, lateral] images, report
+    style seed); the one source of what write_chest_xray writes."""
+    for index, split in enumerate(_splits(n, seed)):
+        rng = np.random.default_rng([seed, index])
+        findings = sample_findings(rng)
+        images = [render(findings, rng, size) for render in (render_frontal, render_lateral)]
+        yield split, f"synth{index:05d}", findings, images, int(rng.integers(2**31))
+
+
 def write_chest_xray(out: Path, seed: int, n: int, size: int) -> dict:
     """R2Gen annotation + PNG views, VQA-RAD question files, preference JSONL and PeFoMed captions."""
     if n < 3:
@@ -50,15 +60,11 @@ def write_chest_xray(out: Path, seed: int, n: int, size: int) -> dict:
     pairs = {name: [] for name, _ in SPLIT_FRACTIONS}
     captions = []
     qids = itertools.count(1)
-    for index, split in enumerate(_splits(n, seed)):
-        rng = np.random.default_rng([seed, index])
-        study_id = f"synth{index:05d}"
-        findings = sample_findings(rng)
+    for index, (split, study_id, findings, images, style) in enumerate(chest_xray_studies(seed, n, size)):
         views = [f"{study_id}/0.png", f"{study_id}/1.png"]
         (image_dir / study_id).mkdir(parents=True, exist_ok=True)
-        for view, render in zip(views, (render_frontal, render_lateral)):
-            Image.fromarray(to_uint8(render(findings, rng, size))).save(image_dir / view)
-        style = int(rng.integers(2**31))
+        for view, image in zip(views, images):
+            Image.fromarray(to_uint8(image)).save(image_dir / view)
         report = write_report(findings, style)
         annotation[split].append({"id": study_id, "report": report, "image_path": views, "split": split,
                                   "labels": findings.labels()})

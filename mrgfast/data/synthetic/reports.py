@@ -1,5 +1,7 @@
 """Report templates for synthetic studies: varied phrasing, negations, one sentence per finding slot."""
 
+from typing import Callable
+
 import numpy as np
 
 from mrgfast.data.synthetic.findings import Findings
@@ -48,26 +50,27 @@ def _sentence(text: str) -> str:
     return text[0].upper() + text[1:] + "."
 
 
-def write_report(findings: Findings, seed: int) -> str:
-    """A report for `findings`; `seed` fixes the phrasing of every slot (same seed + other findings = same style)."""
+def write_report(findings: Findings, seed: int, pick: Callable[[tuple, int], str] = _pick) -> str:
+    """A report for `findings`; `seed` fixes the phrasing of every slot (same seed + other findings = same style).
+    `pick(options, slot_seed)` chooses each sentence's template (mrgfast.demo.bleu_ceiling swaps in fixed choices)."""
     slots = np.random.default_rng(seed).integers(0, 2**31, size=8)
-    sentences = [_pick(HEART_ENLARGED if findings.cardiomegaly else HEART_NORMAL, slots[0])]
+    sentences = [pick(HEART_ENLARGED if findings.cardiomegaly else HEART_NORMAL, slots[0])]
     if findings.nodule is not None:
         size = 4 + int(slots[2] % 9)
-        sentences.append(_pick(NODULE_SIDE, slots[1]).format(side=findings.nodule, size=size))
+        sentences.append(pick(NODULE_SIDE, slots[1]).format(side=findings.nodule, size=size))
     else:
-        sentences.append(_pick(NODULE_NONE, slots[1]))
+        sentences.append(pick(NODULE_NONE, slots[1]))
     combine_pleura = findings.effusion is None and slots[3] % 3 == 0
     if combine_pleura:
-        sentences.append(_pick(PLEURA_NONE, slots[4]))
+        sentences.append(pick(PLEURA_NONE, slots[4]))
     else:
         if findings.effusion == "both":
-            sentences.append(_pick(EFFUSION_BOTH, slots[5]))
+            sentences.append(pick(EFFUSION_BOTH, slots[5]))
         elif findings.effusion is not None:
-            sentences.append(_pick(EFFUSION_SIDE, slots[5]).format(side=findings.effusion))
+            sentences.append(pick(EFFUSION_SIDE, slots[5]).format(side=findings.effusion))
         else:
-            sentences.append(_pick(EFFUSION_NONE, slots[5]))
-        sentences.append(_pick(PNEUMOTHORAX_NONE, slots[6]))
+            sentences.append(pick(EFFUSION_NONE, slots[5]))
+        sentences.append(pick(PNEUMOTHORAX_NONE, slots[6]))
     if findings.normal and slots[7] % 2 == 0:
-        sentences.append(_pick(NORMAL_IMPRESSION, slots[7] // 2))
+        sentences.append(pick(NORMAL_IMPRESSION, slots[7] // 2))
     return " ".join(_sentence(s) for s in sentences)
