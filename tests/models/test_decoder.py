@@ -216,3 +216,18 @@ def test_cuda_bf16_packed_forward_matches_cpu(hf_model):
     exact = our_logits(cpu, input_ids=ids, cu_seqlens=bounds)
     fast = our_logits(gpu, input_ids=ids.cuda(), cu_seqlens=torch.tensor(bounds, dtype=torch.int32, device="cuda"))
     torch.testing.assert_close(fast.cpu(), exact, rtol=0, atol=0.05 * exact.abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_output_rows_match_cpu_full_stream(hf_model):
+    """The fused varlen kernels with suffix queries, an empty one included (a document without supervision)."""
+    _, path = hf_model("qwen2")
+    cpu, gpu = load_decoder(path), load_decoder(path, dtype=torch.bfloat16, device="cuda")
+    ids = random_ids(1, 16, seed=17)
+    bounds = [0, 5, 6, 12, 16]
+    rows = OutputRows.suffixes(Segments.from_lengths([5, 1, 6, 4], "cpu"), [2, 6, 6, 15], "cuda")
+    exact = cpu(input_ids=ids, cu_seqlens=bounds)[0].index_select(0, rows.index.cpu())
+    fast = gpu(input_ids=ids.cuda(), cu_seqlens=torch.tensor(bounds, dtype=torch.int32, device="cuda"),
+               output_rows=rows)
+    torch.testing.assert_close(fast.float().cpu(), exact, rtol=0, atol=0.05 * exact.abs().max().item())
