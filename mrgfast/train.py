@@ -95,6 +95,7 @@ def run(config: TrainConfig, ctx, on_step) -> TrainResult:
                           gpu_sample_interval_s=config.telemetry.gpu_sample_interval_s)
     guard = NonFiniteGuard(device)
     static_shapes = config.cuda_graphs and device.type == "cuda"  # a captured graph replays fixed shapes
+    digest_images = core.feature_cache is not None  # cache keys hashed on the host, outside the step
     packed = pieces.packed
     static_shape = StaticShape.for_lengths(packed.lengths, packed.budget, packed.rows) if static_shapes else None
     runner = StepRunner(lambda micros: train_step(model, optimizer, micros, settings, params,
@@ -129,7 +130,7 @@ def run(config: TrainConfig, ctx, on_step) -> TrainResult:
                 norm = all_reduce_sum(ctx, torch.tensor(float(sum(counts)), device=device))
                 # SFT divides by the global token count inside the loss; DPO weights each micro-batch's mean.
                 shares = [torch.ones((), device=device) if config.mode == "sft" else c / norm for c in counts]
-                micros = [MicroBatch(prepare(b, device, static_shape), norm, share,
+                micros = [MicroBatch(prepare(b, device, static_shape, digest_images), norm, share,
                                      None if ref_logps is None else
                                      batch_reference_logps(ref_logps, b, ref_path).to(device))
                           for b, share in zip(host, shares)]
@@ -144,7 +145,7 @@ def run(config: TrainConfig, ctx, on_step) -> TrainResult:
                     on_step(step, outputs)
                 if step % config.telemetry.log_every == 0 or step == config.schedule.max_steps:
                     guard.check()
-                    metrics = log_metrics(ctx, telemetry, step, outputs, lr, runner)
+                    metrics = log_metrics(ctx, telemetry, step, outputs, lr, runner, cache_stats(core))
                     history.append(metrics)
                 if step % config.checkpoint.every_steps == 0:
                     last_ckpt, saved_at = checkpoint(step), step
@@ -213,7 +214,15 @@ def reference_logps(pieces, config: TrainConfig, ctx, path: Path, autocast_dtype
     return logps
 
 
-def log_metrics(ctx, telemetry: Telemetry, step: int, outputs: dict, lr: float, runner) -> dict:
+def cache_stats(core: nn.Module) -> dict:
+    """The feature cache's counts for the metrics log (this rank's), or nothing without a cache."""
+    cache = getattr(core, "feature_cache", None)
+    if cache is None:
+        return {}
+    return {"vision_cache_hits": cache.hits, "vision_cache_misses": cache.stats["misses"]}
+
+
+def log_metrics(ctx, telemetry: Telemetry, step: int, outputs: dict, lr: float, runner, extra=None) -> dict:
     """Sum the step's outputs over ranks (each rank's loss is its share of the global one), read them once and
     write a record."""
     values = {k: all_reduce_sum(ctx, v.detach().float().reshape(())) for k, v in outputs.items()
@@ -223,6 +232,7 @@ def log_metrics(ctx, telemetry: Telemetry, step: int, outputs: dict, lr: float, 
         record["grad_norm"] = float(outputs["grad_norm"])
     record["lr"] = lr
     record.update(runner.stats())
+    record.update(extra or {})
     return telemetry.log(step, record)
 
 

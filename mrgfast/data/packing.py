@@ -217,6 +217,7 @@ class PackedBatch:
     dpo_cu_seqlens: Optional[Tensor] = None
     loss_rows: Optional[OutputRows] = None
     slot_index: Optional[dict] = None   # static batches (mrgfast.data.static_batch): {kind: flat positions}
+    image_digests: Optional[list] = None  # per sample, of its pixel_values (host): the feature cache's keys
 
     @property
     def padding_fraction(self) -> float:

@@ -90,14 +90,18 @@ class FeatureCache:
             self._fingerprints[encoder] = encoder_fingerprint(encoder)
         return self._fingerprints[encoder]
 
-    def features(self, encoder: nn.Module, images: Tensor) -> VisionFeatures:
+    def features(self, encoder: nn.Module, images: Tensor, digests: Optional[list] = None) -> VisionFeatures:
         """The encoder's VisionFeatures of images [N, ...]: cached entries reused, the others computed in one batch
-        (each distinct image once) without autograd, then stored."""
+        (each distinct image once) without autograd, then stored. `digests` (one per image, e.g. from
+        `image_digests` on the host before the batch moved to the GPU) spare hashing device tensors, which would
+        copy them back to the host inside the training step."""
         self.check_encoder(encoder)
         if images.dim() < 2 or images.shape[0] == 0:
             raise ValueError(f"FeatureCache: images must be a non-empty batch [N, ...], got {tuple(images.shape)}")
+        if digests is not None and len(digests) != images.shape[0]:
+            raise ValueError(f"FeatureCache: {len(digests)} digests for {images.shape[0]} images")
         prefix = self.fingerprint(encoder)
-        keys = [f"{prefix}/{tensor_digest(image)}" for image in images]
+        keys = [f"{prefix}/{d}" for d in (digests if digests is not None else map(tensor_digest, images))]
         entries = {key: self.lookup(key) for key in dict.fromkeys(keys)}
         missing = [key for key, entry in entries.items() if entry is None]
         if missing:

@@ -155,6 +155,7 @@ class MultimodalLM(nn.Module):
             if vision is None:
                 raise ValueError("feature_cache needs a vision module to cache; vision=None")
             feature_cache.check_encoder(vision)
+            feature_cache.fingerprint(vision)  # hashes the weights now, not inside the first training step
         self.feature_cache = feature_cache
 
     def train(self, mode: bool = True) -> "MultimodalLM":
@@ -203,23 +204,26 @@ class MultimodalLM(nn.Module):
         raise ValueError(f"pixel_values must be [samples, {ndim}-dim image] or [samples, views, {ndim}-dim image] for "
                          f"this vision module, got shape {tuple(pixel_values.shape)}")
 
-    def vision_features(self, images: Tensor) -> VisionFeatures:
-        """The encoder's features of images [N, *image]: through the feature cache when given, without autograd
-        when the encoder is frozen."""
+    def vision_features(self, images: Tensor, digests: Optional[list] = None) -> VisionFeatures:
+        """The encoder's features of images [N, *image]: through the feature cache when given (keyed by `digests`,
+        one per image, when the caller hashed them on the host), without autograd when the encoder is frozen."""
         if self.feature_cache is not None:
-            return self.feature_cache.features(self.vision, images)
+            return self.feature_cache.features(self.vision, images, digests)
         if self.vision_frozen:
             with torch.no_grad():
                 return self.vision(images)
         return self.vision(images)
 
-    def encode(self, pixel_values) -> dict:
+    def encode(self, pixel_values, sample_digests: Optional[list] = None) -> dict:
         """{slot kind: embeddings}: [S * V, tokens, hidden] for "image" (one per image, sample-major), [S, tokens,
         hidden] for "prompt" / "prefix" (one per sample, from all its views)."""
         if not self.adapters:
             return {}
         images, views = self.flatten_images(pixel_values)
-        features = self.vision_features(images)
+        digests = None
+        if sample_digests is not None:  # images are sample-major: view v of sample s is image s * views + v
+            digests = [f"{sample_digests[i // views]}-{i % views}" for i in range(images.shape[0])]
+        features = self.vision_features(images, digests)
         slots = {}
         for kind, adapter in self.adapters.items():
             source = features if kind in PER_IMAGE_KINDS else per_sample(features, views)
@@ -291,7 +295,7 @@ class MultimodalLM(nn.Module):
     # ------------------------------------------------------------------------------------------ forward
 
     def splice(self, embeds: Tensor, spans: Sequence[PlacedSpan], pixel_values,
-               slot_index: Optional[dict] = None) -> Tensor:
+               slot_index: Optional[dict] = None, sample_digests: Optional[list] = None) -> Tensor:
         """embeds [rows, seq, hidden] with each slot's adapter output written at its span (out of place, so
         gradients reach both the token embeddings and the adapters). A static batch gives `slot_index` ({kind:
         flat positions}, built on the host) instead of spans; its padded samples write to one scratch row past
@@ -306,7 +310,7 @@ class MultimodalLM(nn.Module):
                              "template that has those placeholders")
         if not kinds:
             return embeds
-        slots = self.encode(pixel_values)
+        slots = self.encode(pixel_values, sample_digests)
         rows, seq, hidden = embeds.shape
         flat = embeds.reshape(rows * seq, hidden)
         if slot_index is not None:
@@ -325,7 +329,7 @@ class MultimodalLM(nn.Module):
     def embed_batch(self, batch: PackedBatch) -> Tensor:
         """The batch's inputs_embeds [rows, budget, hidden] with the slots filled."""
         embeds = self.decoder.embed(batch.input_ids)
-        return self.splice(embeds, batch.spans, batch.pixel_values, batch.slot_index)
+        return self.splice(embeds, batch.spans, batch.pixel_values, batch.slot_index, batch.image_digests)
 
     def forward(self, batch: PackedBatch) -> Tensor:
         """The decoder's final normed hidden states [rows, budget, hidden] of a PackedBatch (SFT or DPO)."""

@@ -24,6 +24,7 @@ from mrgfast.training.config import ConfigError, TrainConfig
 from mrgfast.training.optim import build_adamw
 from mrgfast.training.schedule import WarmupSchedule
 
+from mrgfast.models.feature_cache import FeatureCache, check_no_augmentation
 from mrgfast.models.multimodal import MultimodalLM
 
 TEMPLATES = {"demo": "pefomed", "pefomed": "pefomed", "mrgllm_promptwise": "mrg_llm", "mrgllm_promptbook": "mrg_llm",
@@ -249,13 +250,26 @@ def build_model(config: TrainConfig, vocab_size: int, views: int) -> ModelParts:
     vision.requires_grad_(m.train_vision)
     if hasattr(vision, "set_frozen"):
         vision.set_frozen(not m.train_vision)
-    model = MultimodalLM(decoder, vision=vision, adapters=build_adapters(config, dim, decoder.config.hidden_size))
+    model = MultimodalLM(decoder, vision=vision, adapters=build_adapters(config, dim, decoder.config.hidden_size),
+                         feature_cache=build_feature_cache(config, media_config))
     if m.init_from is not None:
         load_initial_weights(model, Path(m.init_from))
     volume = m.recipe == "rad3d_prefix"
     size = getattr(media_config, "size", None)
     kwargs = model.builder_kwargs(TEMPLATES[m.recipe], views=views, image_size=size)
     return ModelParts(model, kwargs, None if volume else media_config, media_config if volume else None)
+
+
+def build_feature_cache(config: TrainConfig, media_config) -> Optional[FeatureCache]:
+    """The frozen encoder's feature cache model.vision_cache asks for (None when "off")."""
+    m = config.model
+    if m.vision_cache == "off":
+        return None
+    check_no_augmentation(media_config)
+    directory = None
+    if m.vision_cache == "disk":
+        directory = Path(m.vision_cache_dir or Path(config.output_dir) / "feature_cache")
+    return FeatureCache(directory, max_bytes=int(m.vision_cache_max_gb * 2**30))
 
 
 def load_initial_weights(model: nn.Module, path: Path) -> None:

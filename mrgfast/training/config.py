@@ -48,6 +48,12 @@ class ModelSection:
     vision_heads: int = 2
     patch_size: int = 8
     train_vision: bool = False                  # MRG-LLM trains its vision encoder; the others freeze it
+    # A frozen encoder's features computed once per image and reused (mrgfast.models.feature_cache): "memory"
+    # (LRU of vision_cache_max_gb) or "disk" (also safetensors under vision_cache_dir, default
+    # <output_dir>/feature_cache, shared by runs with the same encoder). Needs a frozen tower, no augmentation.
+    vision_cache: Literal["off", "memory", "disk"] = "off"
+    vision_cache_dir: Optional[str] = None
+    vision_cache_max_gb: float = 2.0
     # MRG-LLM prompts and RAD3D prefix (sizes unconfirmed by the papers: configurable).
     n_prompts: int = 4
     book_size: int = 1                          # 1: prompt-wise; > 1: promptbook-wise bank of prompt sets
@@ -61,6 +67,10 @@ class ModelSection:
                      "num_key_value_heads", "vision_dim", "vision_depth", "vision_heads", "patch_size", "n_prompts",
                      "book_size", "n_prefix", "mapper_layers", "n_labels"):
             require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        require(self.vision_cache == "off" or not self.train_vision,
+                "vision_cache needs a frozen vision encoder: a trained one (train_vision=true) changes its features "
+                "every step")
+        require(self.vision_cache_max_gb >= 0, f"vision_cache_max_gb must be >= 0, got {self.vision_cache_max_gb}")
         require(self.num_attention_heads % self.num_key_value_heads == 0,
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
                 f"({self.num_key_value_heads})")
@@ -272,6 +282,9 @@ class TrainConfig:
     def __post_init__(self):
         require(bool(self.output_dir), "output_dir must not be empty")
         require(bool(self.resume), "resume must be 'auto', 'none' or a checkpoint path")
+        require(not (self.cuda_graphs and self.model.vision_cache != "off"),
+                "cuda_graphs=true cannot use model.vision_cache: a captured graph would replay one batch's cache "
+                "lookups")
         require(not (self.cuda_graphs and self.mode == "dpo"),
                 "cuda_graphs=true supports mode=sft only: DPO's shared-prompt layout changes shape with every batch")
 

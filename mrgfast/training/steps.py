@@ -17,6 +17,7 @@ from mrgfast.data.packing import IGNORE_INDEX, PackedBatch, dpo_loss_inputs, dpo
 from mrgfast.data.static_batch import StaticShape, make_static
 from mrgfast.losses.fused_dpo import fused_dpo_loss
 from mrgfast.models.attention import AttentionLayout, OutputRows, Segments
+from mrgfast.models.feature_cache import tensor_digest
 from mrgfast.ops.linear_cross_entropy import linear_cross_entropy
 from mrgfast.peft import disable_adapters
 from mrgfast.peft.state import get_lora_state
@@ -73,7 +74,8 @@ def pair_count(batch: PackedBatch) -> int:
     return (batch.dpo_cu_seqlens.numel() - 1) // 2
 
 
-def prepare(batch: PackedBatch, device: torch.device, static_shape: Optional[StaticShape] = None) -> PackedBatch:
+def prepare(batch: PackedBatch, device: torch.device, static_shape: Optional[StaticShape] = None,
+            digest_images: bool = False) -> PackedBatch:
     """The batch on `device` with its attention layout built on the host first (the decoder would otherwise
     read cu_seqlens back from the device inside the step).
 
@@ -82,7 +84,11 @@ def prepare(batch: PackedBatch, device: torch.device, static_shape: Optional[Sta
     savings that change shapes from batch to batch: the padding past the widest row's last sample is cut off
     (PackedBatch.trimmed), and an SFT batch gets `loss_rows`, each document's rows from its first supervised
     position on: most positions of a multimodal batch are visual or prompt tokens without a label, and neither
-    the LM head (the largest GEMM of a small model's step) nor the last block's queries and MLP need run there."""
+    the LM head (the largest GEMM of a small model's step) nor the last block's queries and MLP need run there.
+    `digest_images` hashes each sample's pixel_values here, on the host, for a model with a feature cache
+    (hashing inside the step would copy the images back from the GPU)."""
+    if digest_images and isinstance(batch.pixel_values, Tensor) and batch.image_digests is None:
+        batch.image_digests = [tensor_digest(sample) for sample in batch.pixel_values]
     if static_shape is not None:
         return make_static(batch, static_shape).to(device)
     batch = batch.trimmed()

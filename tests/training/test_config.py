@@ -83,6 +83,9 @@ def test_base_loop_is_an_error(tmp_path):
     (["schedule.warmup_steps=500", "schedule.max_steps=100"], r"config section 'schedule': warmup_steps"),
     (["config=a.yaml", "config=b.yaml"], r"config= given twice"),
     (["mode=dpo", "cuda_graphs=true"], r"cuda_graphs=true supports mode=sft only"),
+    (["model.vision_cache=memory", "cuda_graphs=true"], r"cuda_graphs=true cannot use model.vision_cache"),
+    (["model.vision_cache=disk", "model.train_vision=true"], r"vision_cache needs a frozen vision encoder"),
+    (["model.vision_cache=yes"], r"config key 'model.vision_cache': expected one of 'off', 'memory', 'disk'"),
 ])
 def test_bad_keys_and_values_name_the_key(argv, message):
     with pytest.raises(ConfigError, match=message):

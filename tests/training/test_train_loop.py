@@ -368,3 +368,28 @@ def test_sigterm_to_the_cli_process_saves_and_exits_cleanly(cache, tmp_path):
     assert "SIGTERM received at step" in err
     saved = sorted(tmp_path.glob("step-*"))
     assert len(saved) == 1 and read_checkpoint(saved[0]).step == int(saved[0].name.split("-")[1]) >= 2
+
+
+def test_vision_cache_reuses_frozen_features_with_the_same_losses(cache, tmp_path):
+    plain = train(tiny(cache, tmp_path / "plain", "schedule.max_steps=8", "checkpoint.every_steps=100"))
+    cached = train(tiny(cache, tmp_path / "cached", "schedule.max_steps=8", "checkpoint.every_steps=100",
+                        "model.vision_cache=disk"))
+    torch.testing.assert_close(torch.tensor([r["loss"] for r in cached.history]),
+                               torch.tensor([r["loss"] for r in plain.history]), rtol=1e-5, atol=1e-6)
+    last = cached.history[-1]
+    assert last["vision_cache_hits"] > 0 and last["vision_cache_misses"] > 0  # 8 steps run past one epoch
+    assert "vision_cache_hits" not in plain.history[-1]
+    assert len(list((tmp_path / "cached" / "feature_cache").glob("*/*.safetensors"))) == last["vision_cache_misses"]
+
+
+def test_step_with_vision_cache_is_host_sync_free(cache, tmp_path):
+    pieces = build_all(tiny(cache, tmp_path, "model.vision_cache=memory"), torch.device("cpu"))
+    params = [p for p in pieces.model.parameters() if p.requires_grad]
+    (batch,), _ = host_batches(pieces, 1)
+    micro = MicroBatch(prepare(batch, "cpu", digest_images=True), torch.tensor(float(supervised_tokens(batch))),
+                       torch.ones(()))
+    assert len(micro.batch.image_digests) == len(micro.batch.sample_ids)
+    for _ in range(2):  # a miss, then a hit
+        with no_host_sync():
+            train_step(pieces.model, pieces.optimizer, [micro], StepSettings(), params)
+    assert pieces.model.feature_cache.hits > 0
