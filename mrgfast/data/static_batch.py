@@ -84,7 +84,7 @@ def slot_indices(batch: PackedBatch, max_samples: int, scratch: int) -> dict:
         if extra or len(tokens) != 1 or any(sum(s.sample == i for s in ordered) != per_sample
                                              for i in range(samples)):
             raise ValueError(f"static shapes need the same number of equally long {kind} slots in every sample")
-        index = torch.cat([torch.arange(s.start, s.start + s.length) for s in ordered])
+        index = batch.span_index(kind)
         size = max_samples * per_sample * tokens.pop()
         out[kind] = torch.cat([index, torch.full((size - index.numel(),), scratch, dtype=index.dtype)])
     return out

@@ -206,28 +206,37 @@ def test_bad_inputs_raise_clear_errors(hf_model):
         decoder(input_ids=ids, position_ids=torch.zeros(3, 1, 5, dtype=torch.long))
 
 
+def cpu_and_cuda_bf16(hf_model) -> tuple:
+    """The tiny Qwen2 loaded twice: fp32 on the CPU (the reference) and bf16 on CUDA."""
+    _, path = hf_model("qwen2")
+    return load_decoder(path), load_decoder(path, dtype=torch.bfloat16, device="cuda")
+
+
+def assert_bf16_close(fast: torch.Tensor, exact: torch.Tensor) -> None:
+    """bf16 CUDA output within 5% of the fp32 reference's largest magnitude."""
+    torch.testing.assert_close(fast.float().cpu(), exact, rtol=0, atol=0.05 * exact.abs().max().item())
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bf16_packed_forward_matches_cpu(hf_model):
-    _, path = hf_model("qwen2")
-    cpu, gpu = load_decoder(path), load_decoder(path, dtype=torch.bfloat16, device="cuda")
+    cpu, gpu = cpu_and_cuda_bf16(hf_model)
     ids = random_ids(1, 12, seed=15)
     bounds = [0, 5, 12]
     exact = our_logits(cpu, input_ids=ids, cu_seqlens=bounds)
     fast = our_logits(gpu, input_ids=ids.cuda(), cu_seqlens=torch.tensor(bounds, dtype=torch.int32, device="cuda"))
-    torch.testing.assert_close(fast.cpu(), exact, rtol=0, atol=0.05 * exact.abs().max().item())
+    assert_bf16_close(fast, exact)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bf16_output_rows_match_cpu_full_stream(hf_model):
     """The fused varlen kernels with suffix queries, an empty one included (a document without supervision)."""
-    _, path = hf_model("qwen2")
-    cpu, gpu = load_decoder(path), load_decoder(path, dtype=torch.bfloat16, device="cuda")
+    cpu, gpu = cpu_and_cuda_bf16(hf_model)
     ids = random_ids(1, 16, seed=17)
     bounds = [0, 5, 6, 12, 16]
     rows = OutputRows.suffixes(Segments.from_lengths([5, 1, 6, 4], "cpu"), [2, 6, 6, 15], "cuda")
     exact = cpu(input_ids=ids, cu_seqlens=bounds)[0].index_select(0, rows.index.cpu())
     fast = gpu(input_ids=ids.cuda(), cu_seqlens=torch.tensor(bounds, dtype=torch.int32, device="cuda"),
                output_rows=rows)
-    torch.testing.assert_close(fast.float().cpu(), exact, rtol=0, atol=0.05 * exact.abs().max().item())
+    assert_bf16_close(fast, exact)
