@@ -1,6 +1,7 @@
 """Distributed helpers: single-process no-ops, and a 2-process gloo run matching a 1-process run on the same batch."""
 
 import os
+import random
 import socket
 
 import pytest
@@ -14,11 +15,28 @@ from mrgfast.training.distributed import (DistContext, all_reduce_mean, any_rank
 from tests.training import dist_worker
 
 
+# Ports are drawn below Linux's ephemeral range (32768-60999 by default): a port the kernel hands out (bind to 0)
+# can be taken, before the test's store listens on it, by the outgoing connection of another process group's
+# store client (a stress run picking 25 ports up front failed that way with EADDRINUSE).
+PORT_RANGE = range(20000, 32000)
+_handed_out: set = set()
+_ports = random.Random(os.getpid())
+
+
 def free_port() -> int:
-    """An unused TCP port on localhost."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port on localhost that is free now, outside the ephemeral range and not handed out before."""
+    for _ in range(1000):
+        port = _ports.choice(PORT_RANGE)
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free TCP port in {PORT_RANGE.start}-{PORT_RANGE.stop - 1}")
 
 
 def test_single_process_is_a_no_op(monkeypatch):
@@ -62,10 +80,15 @@ def test_bad_arguments():
             init_distributed(device="cuda")
 
 
-def test_two_gloo_processes_match_one_process(tmp_path):
-    world = 2
-    mp.spawn(dist_worker.run, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
-    ranks = [load_file(os.path.join(tmp_path, f"rank{r}.safetensors")) for r in range(world)]
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """What each of the 2 gloo processes of dist_worker.run saved."""
+    world, out = 2, tmp_path_factory.mktemp("two-ranks")
+    mp.spawn(dist_worker.run, args=(world, free_port(), str(out)), nprocs=world, join=True)
+    return [load_file(os.path.join(out, f"rank{r}.safetensors")) for r in range(world)]
+
+
+def test_two_gloo_processes_match_one_process(ranks):
     for r, out in enumerate(ranks):
         assert out["mean"].item() == 1.5 and out["sum"].item() == 3.0
         assert out["any"].tolist() == [1.0, 0.0] and out["gather"].tolist() == [0.0, 1.0]
@@ -81,3 +104,18 @@ def test_two_gloo_processes_match_one_process(tmp_path):
             for name, param in model.named_parameters():
                 torch.testing.assert_close(out[f"{tag}.grad.{name}"], grads[f"grad.{name}"], rtol=1e-5, atol=1e-7)
                 torch.testing.assert_close(out[f"{tag}.param.{name}"], param.detach(), rtol=1e-5, atol=1e-7)
+
+
+def test_sharded_full_state_round_trips_with_uneven_shards(ranks):
+    """gather_full_state gives rank 0 the whole weights and AdamW state of an FSDP2 model whose shards are uneven
+    (5 and 3 rows over 2 ranks); scatter_full_state puts a whole state back into every rank's shards."""
+    reference = {k[len("rt.ref."):]: v for k, v in ranks[0].items() if k.startswith("rt.ref.")}
+    assert {"0.weight", "2.bias", "opt.0.exp_avg", "opt.3.exp_avg_sq", "opt.0.step"} <= reference.keys()
+    gathered = {k[len("rt.gathered."):]: v for k, v in ranks[0].items() if k.startswith("rt.gathered.")}
+    assert gathered.keys() == reference.keys() and not any(k.startswith("rt.gathered.") for k in ranks[1])
+    for key, value in reference.items():
+        assert torch.equal(gathered[key], value), key
+    for out in ranks:
+        for key, value in reference.items():
+            assert torch.equal(out[f"rt.after.{key}"], 2 * value), key
+
