@@ -64,24 +64,9 @@ class FullState:
     optimizer: dict                   # as Optimizer.state_dict() gives it: parameters numbered in param_groups order
 
 
-def full_options(**extra):
-    """StateDictOptions for whole tensors (torch.distributed.checkpoint.state_dict)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-    return StateDictOptions(full_state_dict=True, **extra)
-
-
 def tensor_names(model: nn.Module) -> dict[int, str]:
     """{id(tensor): its name in `model`} for every parameter and buffer (the names state_dict uses)."""
     return {id(t): name for name, t in chain(model.named_parameters(), model.named_buffers())}
-
-
-def optimizer_param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:
-    """The names of each param group's parameters, in the optimizer's order (the order its state_dict numbers)."""
-    names = tensor_names(model)
-    try:
-        return [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
-    except KeyError:
-        raise ValueError("the optimizer holds a parameter that is not in the model") from None
 
 
 def trainable_names(model: nn.Module) -> list[str]:
@@ -89,56 +74,124 @@ def trainable_names(model: nn.Module) -> list[str]:
     return [name for name, p in model.named_parameters() if p.requires_grad]
 
 
+def shard_bounds(size: int, world: int, rank: int) -> tuple[int, int]:
+    """(first row, row count) of `rank`'s shard of a dimension of `size` split FSDP2's way (torch.chunk:
+    ceil(size / world) rows a rank, so the last ranks' shards are short or empty)."""
+    per = -(-size // world)
+    start = min(rank * per, size)
+    return start, min(per, size - start)
+
+
+def shard_layout(tensor) -> tuple[Optional[int], Optional[dist.ProcessGroup]]:
+    """(the dimension a DTensor is split on, or None when replicated; its mesh's process group); ValueError for
+    a layout FSDP2 does not give (more than one mesh dimension, partial sums)."""
+    from torch.distributed.tensor import Replicate, Shard
+    if tensor.device_mesh.ndim != 1 or len(tensor.placements) != 1:
+        raise ValueError(f"sharded checkpoints support 1-D meshes (FSDP2), got placements {tensor.placements}")
+    placement = tensor.placements[0]
+    if isinstance(placement, Replicate):
+        return None, tensor.device_mesh.get_group()
+    if not isinstance(placement, Shard):
+        raise ValueError(f"sharded checkpoints support Shard or Replicate placements, got {placement}")
+    return placement.dim, tensor.device_mesh.get_group()
+
+
+def full_copy(value):
+    """A whole CPU copy of a tensor; a DTensor is gathered with one blocking all_gather (a collective: every rank
+    calls it for the same tensors in the same order). Other values come back unchanged."""
+    from torch.distributed.tensor import DTensor
+    if not isinstance(value, Tensor):
+        return value
+    if not isinstance(value, DTensor):
+        return value.detach().cpu().clone()
+    dim, group = shard_layout(value)
+    local = value.to_local().detach()
+    if dim is None:
+        return local.cpu().clone()
+    world, rank, size = dist.get_world_size(group), dist.get_rank(group), value.shape[dim]
+    _, rows = shard_bounds(size, world, rank)
+    if local.shape[dim] != rows:
+        raise ValueError(f"rank {rank} holds {local.shape[dim]} rows of dimension {dim} (size {size}), "
+                         f"expected {rows} for an even torch.chunk split over {world} ranks")
+    # Equal-sized pieces for the collective: each shard padded to the first rank's row count.
+    shape = list(local.shape)
+    shape[dim] = shard_bounds(size, world, 0)[1]
+    padded = local.new_zeros(shape)
+    padded.narrow(dim, 0, rows).copy_(local)
+    pieces = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(pieces, padded.contiguous(), group=group)
+    return torch.cat(pieces, dim).narrow(dim, 0, size).cpu().clone()
+
+
+def local_shard(full: Tensor, like) -> Tensor:
+    """This rank's shard of the whole tensor `full`, laid out as the DTensor `like` holds its own (no collective:
+    every rank has `full`)."""
+    dim, group = shard_layout(like)
+    if tuple(full.shape) != tuple(like.shape):
+        raise ValueError(f"a tensor of shape {tuple(full.shape)} where the model's is {tuple(like.shape)}")
+    device, dtype = like.to_local().device, like.dtype
+    if dim is None:
+        return full.to(device=device, dtype=dtype).clone()
+    start, rows = shard_bounds(full.shape[dim], dist.get_world_size(group), dist.get_rank(group))
+    return full.narrow(dim, start, rows).to(device=device, dtype=dtype).clone()
+
+
 def gather_full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> Optional[FullState]:
     """Full CPU copies of the trainable weights and the optimizer state of a sharded model, on rank 0 (None on
-    the other ranks). A collective: every rank must call it, at the same point."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-    # cpu_offload gathers onto rank 0 only; frozen weights (the sharded base) are neither gathered nor saved.
-    options = full_options(cpu_offload=True, ignore_frozen_params=True)
-    weights = get_model_state_dict(model, options=options)
-    optimizer_named = get_optimizer_state_dict(model, optimizer, options=options)
+    the other ranks). A collective: every rank must call it, at the same point.
+
+    Plain blocking all_gathers, not DTensor redistribution (torch.distributed.checkpoint's get_*_state_dict):
+    on gloo, runs through that path aborted now and then with heap corruption inside its asynchronous
+    collectives (a CI run, 2 of ~100 local runs; the cause inside torch was not found).
+    """
+    weights = {name: full_copy(p) for name, p in model.named_parameters() if p.requires_grad}
+    own = optimizer.state_dict()  # numbered in param_groups order, as one process saves it
+    state = {index: {key: full_copy(value) for key, value in per_param.items()}
+             for index, per_param in own["state"].items()}
     if dist.get_rank() != 0:
         return None
-    order = optimizer_param_names(model, optimizer)
-    return FullState({name: weights[name] for name in trainable_names(model)}, numbered_state(optimizer_named, order))
-
-
-def numbered_state(named: dict, order: list[list[str]]) -> dict:
-    """A name-keyed optimizer state (torch.distributed.checkpoint's) in Optimizer.state_dict()'s own format:
-    parameters numbered 0, 1, ... across the param groups in order, state sorted by that number."""
-    index = {name: i for i, name in enumerate(chain.from_iterable(order))}
-    state = {index[name]: value for name, value in named["state"].items()}
-    groups = [{**group, "params": [index[name] for name in group["params"]]} for group in named["param_groups"]]
-    return {"state": dict(sorted(state.items())), "param_groups": groups}
-
-
-def named_state(numbered: dict, order: list[list[str]]) -> dict:
-    """The inverse of numbered_state; ValueError when the saved groups do not fit the optimizer's."""
-    groups = numbered.get("param_groups", [])
-    sizes, expected = [len(g["params"]) for g in groups], [len(names) for names in order]
-    if sizes != expected:
-        raise ValueError(f"param group sizes {sizes}, the optimizer's {expected}")
-    name = {}
-    for group, names in zip(groups, order):
-        name.update(zip(group["params"], names))
-    unknown = sorted(set(numbered["state"]) - set(name))
-    if unknown:
-        raise ValueError(f"state for parameter {unknown[0]!r}, which no param group holds")
-    return {"state": {name[i]: value for i, value in numbered["state"].items()},
-            "param_groups": [{**g, "params": names} for g, names in zip(groups, order)]}
+    return FullState(weights, {"state": state, "param_groups": own["param_groups"]})
 
 
 def scatter_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, weights: dict[str, Tensor],
                        optimizer_state: dict, source) -> None:
     """Copy a full trainable state (as gather_full_state gives it, or as one process saves it) into a sharded
-    model's and optimizer's shards. A collective: every rank calls it with the same full state."""
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    model's and optimizer's shards. Every rank read the whole state from the checkpoint, so each cuts out its
+    own shard: no communication."""
+    from torch.distributed.tensor import DTensor
     check_full_weights(model, weights, source)
-    # Every rank holds the whole state (each read the checkpoint), so each keeps its own slice: no broadcast.
-    set_model_state_dict(model, weights, options=full_options(strict=False))
-    order = optimizer_param_names(model, optimizer)
-    load_optimizer_state(optimizer, optimizer_state, source, load=lambda numbered: set_optimizer_state_dict(
-        model, optimizer, named_state(numbered, order), options=full_options()))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            param = params[name]
+            if isinstance(param, DTensor):
+                param.to_local().copy_(local_shard(value, param))  # under no_grad: FSDP2's shard storage itself
+            else:
+                param.copy_(value)
+    load_optimizer_state(optimizer, optimizer_state, source,
+                         load=lambda numbered: optimizer.load_state_dict(sharded_optimizer_state(optimizer, numbered)))
+
+
+def sharded_optimizer_state(optimizer: torch.optim.Optimizer, numbered: dict) -> dict:
+    """A one-process Optimizer.state_dict() with each parameter-shaped state tensor (AdamW's moments) turned into
+    a DTensor sharded like its parameter; ValueError naming the entry when it does not fit."""
+    from torch.distributed.tensor import DTensor
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = {}
+    for index, per_param in numbered.get("state", {}).items():
+        if not isinstance(index, int) or not 0 <= index < len(params):
+            raise ValueError(f"state for parameter {index!r}; the optimizer has {len(params)} parameters")
+        param, state[index] = params[index], {}
+        for key, value in per_param.items():
+            if isinstance(param, DTensor) and isinstance(value, Tensor) and value.dim() > 0:
+                try:
+                    shard = local_shard(value, param)
+                except ValueError as err:
+                    raise ValueError(f"state {index}.{key}: {err}") from None
+                value = DTensor.from_local(shard, param.device_mesh, param.placements, run_check=False,
+                                           shape=param.shape, stride=param.stride())
+            state[index][key] = value
+    return {**numbered, "state": state}
 
 
 def check_full_weights(model: nn.Module, weights: dict[str, Tensor], source) -> None:

@@ -11,6 +11,7 @@ from torch import nn
 
 from mrgfast.training.distributed import (all_reduce_mean, all_reduce_sum, any_rank, gather_objects,
                                           gradient_sync, init_distributed, teardown, wrap_model)
+from mrgfast.training.fsdp import gather_full_state, scatter_full_state
 
 
 def global_batch():
@@ -67,8 +68,40 @@ def run(rank: int, world_size: int, port: int, out_dir: str) -> None:
         out[f"{tag}.loss"] = all_reduce_mean(ctx, {"loss": loss})["loss"].reshape(1)
         out.update({f"{tag}.{k}": v for k, v in grads.items()})
         out.update({f"{tag}.param.{n}": full(p) for n, p in model.named_parameters()})
+    out.update(checkpoint_round_trip(ctx, xs, ys))
     save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(out_dir, f"rank{rank}.safetensors"))
     teardown(ctx)
+
+
+def full_optimizer_state(optimizer) -> dict:
+    """{"<index>.<key>": whole tensor} of an optimizer's state (DTensors gathered through full_tensor)."""
+    return {f"{i}.{k}": full(v) for i, state in optimizer.state_dict()["state"].items() for k, v in state.items()}
+
+
+def checkpoint_round_trip(ctx, xs, ys) -> dict:
+    """gather_full_state and scatter_full_state on an FSDP2 model whose shards are uneven (5 and 3 rows over 2
+    ranks), after one AdamW step: the gathered copies (rank 0), the reference (full_tensor), and the state after
+    scattering a doubled copy back."""
+    model = make_model()
+    wrap_model(model, ctx, "fsdp", fsdp_blocks=[model[0]])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    nn.functional.mse_loss(model(xs), ys).backward()
+    optimizer.step()
+    out = {f"rt.ref.{n}": full(p) for n, p in model.named_parameters()}
+    out.update({f"rt.ref.opt.{k}": v for k, v in full_optimizer_state(optimizer).items()})
+    gathered = gather_full_state(model, optimizer)
+    if ctx.is_main:
+        out.update({f"rt.gathered.{n}": w for n, w in gathered.weights.items()})
+        out.update({f"rt.gathered.opt.{i}.{k}": v for i, state in gathered.optimizer["state"].items()
+                    for k, v in state.items()})
+    # Every rank holds the whole state when resuming (each reads the checkpoint): scatter a doubled copy.
+    weights = {n: 2 * out[f"rt.ref.{n}"] for n, _ in model.named_parameters()}
+    numbered = optimizer.state_dict()
+    state = {i: {k: 2 * full(v) for k, v in per.items()} for i, per in numbered["state"].items()}
+    scatter_full_state(model, optimizer, weights, {**numbered, "state": state}, "round trip")
+    out.update({f"rt.after.{n}": full(p) for n, p in model.named_parameters()})
+    out.update({f"rt.after.opt.{k}": v for k, v in full_optimizer_state(optimizer).items()})
+    return out
 
 
 def sigterm_at(stop_at):

@@ -8,12 +8,11 @@ import shutil
 import pytest
 import torch
 import torch.multiprocessing as mp
-from torch import nn
 
 from mrgfast.train import train
 from mrgfast.training.checkpoint import read_checkpoint
 from mrgfast.training.config import ConfigError, config_to_dict, load_config
-from mrgfast.training.fsdp import full_options, named_state, numbered_state, optimizer_param_names
+from mrgfast.training.fsdp import shard_bounds
 from tests.training import dist_worker
 from tests.training.test_distributed import free_port
 from tests.training.test_train_loop import logged, tiny, trained_tensors
@@ -135,31 +134,16 @@ def test_sharded_checkpoint_has_one_process_format_and_resumes_in_one_process(ru
                          "1 process resumed from the sharded checkpoint")
 
 
-def test_optimizer_state_numbering_round_trips_through_names():
-    """numbered_state turns torch.distributed.checkpoint's name-keyed state into Optimizer.state_dict()'s own,
-    across param groups, and named_state back."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 2))
-    model[1].weight.requires_grad_(False)
-    groups = [{"params": [model[2].weight, model[0].weight]}, {"params": [model[0].bias, model[2].bias]}]
-    optimizer = torch.optim.AdamW(groups, lr=0.1)
-    model(torch.randn(4, 3)).sum().backward()
-    optimizer.step()
-    order = optimizer_param_names(model, optimizer)
-    assert order == [["2.weight", "0.weight"], ["0.bias", "2.bias"]]
-    named = get_optimizer_state_dict(model, optimizer, options=full_options())
-    assert set(named["state"]) == {"2.weight", "0.weight", "0.bias", "2.bias"}
-    numbered, own = numbered_state(named, order), optimizer.state_dict()
-    assert numbered["param_groups"] == own["param_groups"]
-    assert list(numbered["state"]) == list(own["state"])
-    for index, state in own["state"].items():
-        assert state.keys() == numbered["state"][index].keys()
-        assert all(torch.equal(v, numbered["state"][index][k]) for k, v in state.items())
-    back = named_state(numbered, order)
-    assert back["param_groups"] == named["param_groups"] and back["state"].keys() == named["state"].keys()
-    with pytest.raises(ValueError, match=r"param group sizes \[2, 2\], the optimizer's \[2, 1\]"):
-        named_state(numbered, [["2.weight", "0.weight"], ["0.bias"]])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("size", [0, 1, 2, 3, 5, 8, 9])
+def test_shard_bounds_split_like_torch_chunk(size, world):
+    """FSDP2 shards dim 0 with torch.chunk; shard_bounds gives every rank its rows, empty past the last chunk."""
+    rows = torch.arange(size)
+    chunks = list(torch.chunk(rows, world)) if size else []
+    for rank in range(world):
+        start, count = shard_bounds(size, world, rank)
+        expected = chunks[rank] if rank < len(chunks) else rows[:0]
+        assert torch.equal(rows[start:start + count], expected), (size, world, rank)
 
 
 def test_shard_trainable_needs_fsdp():
