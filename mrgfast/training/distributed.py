@@ -6,6 +6,8 @@ Without torchrun (no WORLD_SIZE, or WORLD_SIZE=1) everything here is a single-pr
 import contextlib
 import datetime
 import os
+import signal
+import threading
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Optional
 
@@ -85,12 +87,30 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: int
         for name in ("MASTER_ADDR", "MASTER_PORT"):
             if name not in os.environ:
                 raise ValueError(f"WORLD_SIZE={world_size} but {name} is not set; launch with torchrun")
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s),
-                                device_id=torch_device if torch_device.type == "cuda" else None)
+        with stop_signals_blocked():
+            dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+                                    timeout=datetime.timedelta(seconds=timeout_s),
+                                    device_id=torch_device if torch_device.type == "cuda" else None)
         owns = True
     return DistContext(rank=dist.get_rank(), local_rank=local_rank, world_size=dist.get_world_size(),
                        device=torch_device, backend=dist.get_backend(), owns_group=owns)
+
+
+@contextlib.contextmanager
+def stop_signals_blocked() -> Iterator[None]:
+    """Block SIGTERM and SIGINT in the calling thread while it starts the process group's threads: they inherit
+    the mask, so a SIGTERM sent to the process (a preempted job) reaches the main thread, where the training loop
+    turns it into a clean stop, and never interrupts a communication thread in the middle of a system call (2-process
+    gloo runs stopped by SIGTERM aborted now and then with "terminate called without an active exception").
+    Signals arriving meanwhile stay pending and are delivered when the mask is restored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def teardown(ctx: DistContext) -> None:

@@ -2,7 +2,9 @@
 
 import os
 import random
+import signal
 import socket
+import threading
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from mrgfast.training.distributed import (DistContext, all_reduce_mean, any_rank, gather_objects, init_distributed,
-                                          is_main_process, teardown, wrap_model)
+                                          is_main_process, stop_signals_blocked, teardown, wrap_model)
 from tests.training import dist_worker
 
 
@@ -118,4 +120,19 @@ def test_sharded_full_state_round_trips_with_uneven_shards(ranks):
     for out in ranks:
         for key, value in reference.items():
             assert torch.equal(out[f"rt.after.{key}"], 2 * value), key
+
+
+def blocked_signals() -> set:
+    """The calling thread's blocked signals."""
+    return set(signal.pthread_sigmask(signal.SIG_BLOCK, []))
+
+
+def test_threads_started_while_stop_signals_are_blocked_never_receive_them():
+    before, seen = blocked_signals(), {}
+    with stop_signals_blocked():
+        worker = threading.Thread(target=lambda: seen.update(mask=blocked_signals()))
+        worker.start()
+        worker.join()
+    assert {signal.SIGTERM, signal.SIGINT} <= seen["mask"]  # a communication thread's mask
+    assert blocked_signals() == before and signal.SIGTERM not in before  # the main thread's mask is restored
 
