@@ -186,6 +186,18 @@ class PlacedSpan:
     grid: Optional[tuple] = None
 
 
+def spans_in_order(spans: Sequence[PlacedSpan], kind: str) -> list:
+    """The `kind` spans by sample then image/slot: the order the adapter's outputs come in."""
+    return sorted((s for s in spans if s.kind == kind), key=lambda s: (s.sample, s.index))
+
+
+def span_positions(ordered: Sequence[PlacedSpan]) -> Tensor:
+    """Flat positions [n] (CPU, int64) of every token of `ordered` spans, in that order."""
+    if not ordered:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.cat([torch.arange(s.start, s.start + s.length) for s in ordered])
+
+
 @dataclasses.dataclass
 class PackedBatch:
     """One fixed-shape micro-batch. Token tensors are [rows, budget] (position_ids [3, rows, budget] for M-RoPE).
@@ -252,10 +264,7 @@ class PackedBatch:
     def span_index(self, kind: str) -> Tensor:
         """Flat positions [n] of every `kind` placeholder token, by sample then image/slot: where the adapter's
         outputs for the batch's samples (in sample_ids order), flattened, are written into the embeddings."""
-        spans = sorted((s for s in self.spans if s.kind == kind), key=lambda s: (s.sample, s.index))
-        if not spans:
-            return torch.zeros(0, dtype=torch.long, device=self.input_ids.device)
-        return torch.cat([torch.arange(s.start, s.start + s.length) for s in spans]).to(self.input_ids.device)
+        return span_positions(spans_in_order(self.spans, kind)).to(self.input_ids.device)
 
     def decoder_inputs(self) -> dict:
         """Keyword arguments of Decoder.forward besides the tokens: position_ids, cu_seqlens or layout, and

@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from mrgfast.data.packing import PackedBatch, PlacedSpan, sequence_positions
+from mrgfast.data.packing import PackedBatch, PlacedSpan, sequence_positions, span_positions, spans_in_order
 from mrgfast.data.prompts import SLOT_KINDS, PromptTemplate, TokenizedPair, TokenizedSample, get_template
 from mrgfast.layers.affine_prompt import AffinePromptGenerator
 from mrgfast.layers.diagnostic_prefix import DiagnosticPrefix
@@ -387,7 +387,7 @@ class MultimodalLM(nn.Module):
 def slot_index_of(spans: Sequence[PlacedSpan], kind: str, slots: int, tokens: int, device) -> Tensor:
     """Flat positions of every `kind` slot token, by sample then slot, checked against the adapter output of
     `slots` x `tokens`: ValueError naming the kind and the counts when they differ."""
-    ordered = sorted((s for s in spans if s.kind == kind), key=lambda s: (s.sample, s.index))
+    ordered = spans_in_order(spans, kind)
     if len(ordered) != slots:
         raise ValueError(f"the batch has {len(ordered)} {kind} slot(s) but pixel_values give {slots} (one per "
                          f"{'image' if kind in PER_IMAGE_KINDS else 'sample'}); check pixel_values against the samples")
@@ -396,8 +396,7 @@ def slot_index_of(spans: Sequence[PlacedSpan], kind: str, slots: int, tokens: in
         raise ValueError(f"{kind} slot of sample {wrong[0].sample} has {wrong[0].length} placeholder tokens but the "
                          f"adapter makes {tokens}; build prompts with MultimodalLM.builder_kwargs / slot_tokens")
     # Spans are Python objects: the index is built on the host and copied once, no device sync.
-    index = torch.cat([torch.arange(s.start, s.start + s.length) for s in ordered])
-    return index.to(device, non_blocking=True)
+    return span_positions(ordered).to(device, non_blocking=True)
 
 
 def prompt_parts(prompts) -> tuple:
