@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from mrgfast.data.packing import PackedBatch
+from mrgfast.data.packing import PackedBatch, span_positions, spans_in_order
 from mrgfast.models.attention import AttentionLayout, Segments
 
 
@@ -78,13 +78,13 @@ def slot_indices(batch: PackedBatch, max_samples: int, scratch: int) -> dict:
     out = {}
     samples = len(batch.sample_ids)
     for kind in sorted({s.kind for s in batch.spans}):
-        ordered = sorted((s for s in batch.spans if s.kind == kind), key=lambda s: (s.sample, s.index))
+        ordered = spans_in_order(batch.spans, kind)
         per_sample, extra = divmod(len(ordered), samples)
         tokens = {s.length for s in ordered}
         if extra or len(tokens) != 1 or any(sum(s.sample == i for s in ordered) != per_sample
                                              for i in range(samples)):
             raise ValueError(f"static shapes need the same number of equally long {kind} slots in every sample")
-        index = batch.span_index(kind)
+        index = span_positions(ordered)
         size = max_samples * per_sample * tokens.pop()
         out[kind] = torch.cat([index, torch.full((size - index.numel(),), scratch, dtype=index.dtype)])
     return out

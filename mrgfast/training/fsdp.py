@@ -119,7 +119,7 @@ def full_copy(value):
     padded = local.new_zeros(shape)
     padded.narrow(dim, 0, rows).copy_(local)
     pieces = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(pieces, padded.contiguous(), group=group)
+    dist.all_gather(pieces, padded, group=group)
     return torch.cat(pieces, dim).narrow(dim, 0, size).cpu().clone()
 
 
@@ -141,8 +141,8 @@ def gather_full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> Opt
     the other ranks). A collective: every rank must call it, at the same point.
 
     Plain blocking all_gathers, not DTensor redistribution (torch.distributed.checkpoint's get_*_state_dict):
-    on gloo, runs through that path aborted now and then with heap corruption inside its asynchronous
-    collectives (a CI run, 2 of ~100 local runs; the cause inside torch was not found).
+    on gloo, a local run through that path aborted with heap corruption inside its asynchronous collectives
+    (`wait_tensor`); the cause inside torch was not found.
     """
     weights = {name: full_copy(p) for name, p in model.named_parameters() if p.requires_grad}
     own = optimizer.state_dict()  # numbered in param_groups order, as one process saves it
