@@ -1,9 +1,10 @@
 """How high report BLEU can go on the demo's synthetic data: oracles that know every study's true findings.
 
-Each synthetic report sentence takes one of 3-6 phrasings at random, so even a model that sees every finding
-cannot know the phrasing. `python -m mrgfast.demo.bleu_ceiling [split]` scores, against the split's references:
-- `random_phrasing`: the true findings written with a fresh random phrasing (what a perfect but phrasing-blind
-  sampler gets);
+Each synthetic report sentence takes one of 2-6 phrasings, drawn with Zipf frequencies, so even a model that sees
+every finding cannot know the phrasing. `python -m mrgfast.demo.bleu_ceiling [split]` scores, against the split's
+references:
+- `random_phrasing`: the true findings written with a fresh draw of phrasings (what a perfect model that samples
+  phrasings at the data's frequencies gets);
 - `best_fixed_phrasing`: the true findings and the reference's own sentence structure, with one fixed phrasing
   per template list, chosen by coordinate ascent on this very split (an optimistic ceiling for a model that
   always writes the same phrasing).

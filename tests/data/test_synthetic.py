@@ -12,7 +12,7 @@ from mrgfast.data.synthetic import Findings, demo_samples, flip_one, generate_de
 from mrgfast.data.synthetic.__main__ import main
 from mrgfast.data.synthetic.ct import CTFindings, render_ct
 from mrgfast.data.synthetic.cxr import LUNG_X, render_frontal
-from mrgfast.data.synthetic.reports import write_report
+from mrgfast.data.synthetic.reports import HEART_NORMAL, write_report, zipf_weights
 from tests.data.files import DEMO
 
 
@@ -81,6 +81,17 @@ def test_reports_vary_in_phrasing():
     normal = {write_report(Findings(), seed) for seed in range(40)}
     enlarged = {write_report(Findings(cardiomegaly=True), seed) for seed in range(40)}
     assert len(normal) > 15 and len(enlarged) > 15
+
+
+def test_phrasings_follow_zipf_frequencies():
+    # The first sentence is always the heart's: its 6 phrasings should appear about 1/k as often as the first.
+    counts = np.zeros(len(HEART_NORMAL))
+    for seed in range(6000):
+        first = write_report(Findings(), seed).split(".")[0].lower()
+        counts[HEART_NORMAL.index(first)] += 1
+    expected = 6000 / np.arange(1, 7) / np.sum(1 / np.arange(1, 7))
+    assert np.all(np.abs(counts - expected) < 4 * np.sqrt(expected)), (counts, expected)
+    assert list(zipf_weights(3)) == pytest.approx([6 / 11, 3 / 11, 2 / 11])
 
 
 def test_preference_pairs_differ_in_exactly_one_finding(demo_dir):

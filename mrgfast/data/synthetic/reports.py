@@ -1,4 +1,9 @@
-"""Report templates for synthetic studies: varied phrasing, negations, one sentence per finding slot."""
+"""Report templates for synthetic studies: varied phrasing, negations, one sentence per finding slot.
+
+Each template list is ordered from the most to the least common phrasing, and a report draws its phrasings with
+Zipf frequencies (option k of n with probability proportional to 1/k): real report corpora are written mostly in
+a few stock phrases with a long tail of variants, not in every variant equally often.
+"""
 
 from typing import Callable
 
@@ -40,9 +45,16 @@ PLEURA_NONE = ("no pleural effusion or pneumothorax", "no pneumothorax or pleura
 NORMAL_IMPRESSION = ("no acute cardiopulmonary abnormality", "no acute cardiopulmonary process", "normal chest")
 
 
+def zipf_weights(n: int) -> np.ndarray:
+    """Probabilities of n phrasings ordered from most to least common: proportional to 1, 1/2, ..., 1/n."""
+    weights = 1.0 / np.arange(1, n + 1)
+    return weights / weights.sum()
+
+
 def _pick(options: tuple, slot_seed: int) -> str:
-    """One option chosen by a per-slot seed, so a report rebuilt with other findings keeps its other phrasings."""
-    return options[int(np.random.default_rng(slot_seed).integers(len(options)))]
+    """One option drawn with Zipf frequencies by a per-slot seed, so a report rebuilt with other findings keeps its
+    other phrasings."""
+    return options[int(np.random.default_rng(slot_seed).choice(len(options), p=zipf_weights(len(options))))]
 
 
 def _sentence(text: str) -> str:
