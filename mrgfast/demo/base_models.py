@@ -57,7 +57,7 @@ PRETRAIN_VERSION = 2  # 2: report phrasings drawn with Zipf frequencies
 class BaseModelSettings:
     """Sizes and budgets of the synthetic data and of both pretraining runs; their hash names the cache entry."""
 
-    n_studies: int = 600
+    n_studies: int = 1000            # splits 700 / 100 / 200: val and test large enough to compare runs
     image_size: int = 128            # size the synthetic images are rendered at
     vit_input: int = 128             # size the ViT reads (ImageConfig.size); small nodules need the resolution
     vit_patch: int = 16

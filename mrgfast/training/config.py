@@ -88,6 +88,9 @@ class DataSection:
     labels_path: Optional[str] = None           # ct_rate: the multi-label CSV
     split: str = "train"
     task: Literal["report", "vqa", "caption"] = "report"
+    # Report text cleaning (None: the reader's own default: R2Gen's for iu_xray / mimic_cxr, PeFoMed's for captions,
+    # none for preference pairs and CT reports). DPO pairs should be cleaned like the SFT text the model learned.
+    clean: Optional[Literal["iu_xray", "mimic_cxr", "pefomed", "none"]] = None
     token_budget: int = 2048                    # tokens per packed row (fixed: CUDA graphs need it)
     rows: int = 1                               # packed rows per micro-batch
     max_length: int = 512                       # longest sample, in tokens (a longer one is an error naming it)
@@ -111,6 +114,8 @@ class DataSection:
         require(self.dataset == "synthetic" or self.path is not None,
                 f"dataset {self.dataset!r} needs data.path (the annotation / question / JSONL / CSV file)")
         require(self.image_size is None or self.image_size >= 1, f"image_size must be >= 1, got {self.image_size}")
+        require(self.clean is None or self.dataset not in ("vqa_rad", "slake"),
+                f"clean is for report text; {self.dataset} answers are normalised at evaluation, got clean={self.clean!r}")
         require(self.synthetic_n >= 3, f"synthetic_n must be >= 3, got {self.synthetic_n}")
         require(self.synthetic_size >= 32, f"synthetic_size must be >= 32, got {self.synthetic_size}")
         require(self.synthetic_volume_size >= 8,

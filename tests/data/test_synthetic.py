@@ -1,5 +1,6 @@
 """Synthetic demo data: deterministic, read back by the real readers, findings visible in the pixels."""
 
+import collections
 import hashlib
 import json
 
@@ -8,7 +9,8 @@ import pytest
 
 from mrgfast.data import (ImageConfig, MedicalDataset, VolumeConfig, label_report, read_ct_reports,
                           read_preference_jsonl, read_r2gen, read_report_list, read_vqa_rad)
-from mrgfast.data.synthetic import Findings, demo_samples, flip_one, generate_demo, read_manifest, sample_findings
+from mrgfast.data.synthetic import (Findings, demo_samples, generate_demo, hallucinate_one, read_manifest,
+                                    sample_findings)
 from mrgfast.data.synthetic.__main__ import main
 from mrgfast.data.synthetic.ct import CTFindings, render_ct
 from mrgfast.data.synthetic.cxr import LUNG_X, render_frontal
@@ -105,13 +107,29 @@ def test_preference_pairs_differ_in_exactly_one_finding(demo_dir):
         assert len(differing) == 1 or (not differing and sided), row
 
 
-def test_flip_one_changes_exactly_one_finding():
+def test_preference_pairs_are_cleaned_like_the_reports(demo_dir):
+    # DPO must see the text SFT trained on: the chosen answer is the report part's answer, token for token.
+    reports = {s.id: s.answer for s in demo_samples(demo_dir, "report", "train")}
+    pairs = demo_samples(demo_dir, "preference", "train")
+    assert len(pairs) == len(reports)
+    for pair in pairs:
+        assert pair.answer == reports[pair.id] and pair.rejected == pair.rejected.lower()
+    raw = demo_samples(demo_dir, "preference", "train", clean="none")
+    assert raw[0].answer != raw[0].answer.lower()  # the file holds the radiologist's casing
+
+
+def test_hallucinate_one_injects_exactly_one_hallucination():
+    kinds = collections.Counter()
     for index in range(200):
         rng = np.random.default_rng([5, index])
         findings = sample_findings(rng)
-        wrong, change = flip_one(findings, rng)
+        wrong, change = hallucinate_one(findings, rng)
         changed = [f for f in ("cardiomegaly", "effusion", "nodule") if getattr(wrong, f) != getattr(findings, f)]
         assert len(changed) == 1 and changed[0] in change
+        # A hallucination: the wrong findings assert something the study does not have.
+        assert any(wrong.labels()[name] and not findings.labels()[name] for name in findings.labels()), change
+        kinds["swapped" if "swapped" in change else "added"] += 1
+    assert kinds["added"] > 50 and kinds["swapped"] > 10, kinds
 
 
 def test_vqa_answers_match_the_annotation(demo_dir):

@@ -86,6 +86,8 @@ def test_base_loop_is_an_error(tmp_path):
     (["model.vision_cache=memory", "cuda_graphs=true"], r"cuda_graphs=true cannot use model.vision_cache"),
     (["model.vision_cache=disk", "model.train_vision=true"], r"vision_cache needs a frozen vision encoder"),
     (["model.vision_cache=yes"], r"config key 'model.vision_cache': expected one of 'off', 'memory', 'disk'"),
+    (["data.clean=weird"], r"config key 'data.clean': expected one of 'iu_xray', 'mimic_cxr', 'pefomed', 'none'"),
+    (["data.dataset=slake", "data.path=q.json", "data.clean=iu_xray"], r"clean is for report text; slake answers"),
 ])
 def test_bad_keys_and_values_name_the_key(argv, message):
     with pytest.raises(ConfigError, match=message):

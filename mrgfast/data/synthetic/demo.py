@@ -12,7 +12,7 @@ from PIL import Image
 from mrgfast.data.r2gen import DEFAULT_REPORT_INSTRUCTION
 from mrgfast.data.synthetic.ct import CT_LABELS, render_ct, sample_ct_findings, write_ct_report
 from mrgfast.data.synthetic.cxr import render_frontal, render_lateral, to_uint8
-from mrgfast.data.synthetic.findings import flip_one, sample_findings
+from mrgfast.data.synthetic.findings import hallucinate_one, sample_findings
 from mrgfast.data.synthetic.reports import write_report
 from mrgfast.data.synthetic.vqa import study_questions
 
@@ -72,7 +72,7 @@ def write_chest_xray(out: Path, seed: int, n: int, size: int) -> dict:
             vqa[split].append({"qid": next(qids), "image_name": views[0], "image_organ": "CHEST", "answer": answer,
                                "answer_type": answer_type, "question_type": question_type, "question": question,
                                "phrase_type": "freeform"})
-        wrong, change = flip_one(findings, np.random.default_rng([seed, index, 1]))
+        wrong, change = hallucinate_one(findings, np.random.default_rng([seed, index, 1]))
         pairs[split].append({"id": study_id, "images": views, "prompt": DEFAULT_REPORT_INSTRUCTION,
                              "chosen": report, "rejected": write_report(wrong, style), "change": change})
         finding_text = " and ".join(findings.abnormalities())
@@ -170,7 +170,8 @@ DEMO_PARTS = ("report", "vqa", "preference", "caption", "ct")
 def demo_samples(root, part: str = "report", split: str = "train", **reader_kwargs):
     """The SampleSet of one part of a generated demo ("report", "vqa", "preference", "caption", "ct") and split.
 
-    Reads through the same public readers a user's files go through; `reader_kwargs` pass on to them.
+    Reads through the same public readers a user's files go through; `reader_kwargs` pass on to them (the
+    preference pairs default to clean="iu_xray", like the report part).
     Splits: "train" / "val" / "test" ("ct" has "train" / "valid"; "caption" has one set, split ignored).
     """
     from mrgfast.data.ct import read_ct_reports
@@ -200,4 +201,6 @@ def demo_samples(root, part: str = "report", split: str = "train", **reader_kwar
         return read_r2gen(root / manifest["iu_xray"]["annotation"], split=split, image_dir=image_dir, **reader_kwargs)
     if part == "vqa":
         return read_vqa_rad(root / manifest["vqa_rad"]["files"][split], image_dir=image_dir, **reader_kwargs)
-    return read_preference_jsonl(root / manifest["preference"]["files"][split], image_dir=image_dir, **reader_kwargs)
+    # The pairs are cleaned like the report part (R2Gen's IU-Xray cleaning), so DPO sees the text SFT trained on.
+    return read_preference_jsonl(root / manifest["preference"]["files"][split], image_dir=image_dir,
+                                 **{"clean": "iu_xray", **reader_kwargs})

@@ -68,24 +68,24 @@ def sample_findings(rng: np.random.Generator) -> Findings:
     return Findings(cardiomegaly=bool(rng.random() < 0.45), effusion=effusion, nodule=nodule)
 
 
-def flip_one(findings: Findings, rng: np.random.Generator) -> tuple:
-    """(wrong findings, description): one finding removed, hallucinated or moved to the other side."""
-    choice = ("cardiomegaly", "effusion", "nodule")[int(rng.integers(3))]
-    if choice == "cardiomegaly":
-        changed = replace(findings, cardiomegaly=not findings.cardiomegaly)
-        return changed, "cardiomegaly removed" if findings.cardiomegaly else "cardiomegaly hallucinated"
-    if choice == "effusion":
-        if findings.effusion is None:
+def hallucinate_one(findings: Findings, rng: np.random.Generator) -> tuple:
+    """(wrong findings, description): one hallucination injected into the true findings, chosen uniformly among
+    those the study allows: a finding it lacks asserted, or a one-sided finding moved to the other side.
+
+    This is how hallucination-targeted preference data is built (POVID injects plausible hallucinations into the
+    ground truth): a rejected report that merely omits a finding would teach DPO to assert more, the opposite of
+    what LDP's DPO is for.
+    """
+    options = []
+    if not findings.cardiomegaly:
+        options.append((replace(findings, cardiomegaly=True), "cardiomegaly hallucinated"))
+    for name in ("effusion", "nodule"):
+        present = getattr(findings, name)
+        if present is None:
             side = SIDES[int(rng.integers(2))]
-            return replace(findings, effusion=side), f"{side} effusion hallucinated"
-        if findings.effusion == "both" or rng.random() < 0.5:
-            return replace(findings, effusion=None), "effusion removed"
-        other = "right" if findings.effusion == "left" else "left"
-        return replace(findings, effusion=other), f"effusion side swapped to {other}"
-    if findings.nodule is None:
-        side = SIDES[int(rng.integers(2))]
-        return replace(findings, nodule=side), f"{side} nodule hallucinated"
-    if rng.random() < 0.5:
-        return replace(findings, nodule=None), "nodule removed"
-    other = "right" if findings.nodule == "left" else "left"
-    return replace(findings, nodule=other), f"nodule side swapped to {other}"
+            options.append((replace(findings, **{name: side}), f"{side} {name} hallucinated"))
+        elif present in SIDES:
+            other = "right" if present == "left" else "left"
+            options.append((replace(findings, **{name: other}), f"{name} side swapped to {other}"))
+    # Never empty: the nodule is either absent (hallucinate it) or one-sided (move it).
+    return options[int(rng.integers(len(options)))]
