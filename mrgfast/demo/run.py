@@ -34,11 +34,11 @@ class DemoOptions:
     # The SFT length, beam width and DPO settings below are what `python -m mrgfast.demo.select` picked on the
     # synthetic val split (README: the table); the test split is only measured with them. Sides (left/right) are
     # the last thing SFT learns: 600-1000 steps leave sided effusions weak.
-    sft_steps: int = 3200
+    sft_steps: int = 2400
     sft_lr: float = 5e-3
-    dpo_steps: int = 60
-    dpo_lr: float = 3e-4
-    dpo_beta: float = 2.0
+    dpo_steps: int = 120
+    dpo_lr: float = 1e-4
+    dpo_beta: float = 0.5
     eval_limit: Optional[int] = None  # evaluate the first N test samples (None: all)
     max_new_tokens: int = 60
     num_beams: int = 1
