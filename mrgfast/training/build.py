@@ -64,35 +64,22 @@ def synthetic_root(config: TrainConfig) -> Path:
     return root
 
 
-def synthetic_part(config: TrainConfig) -> str:
-    """Which part of the synthetic twin this run reads."""
-    if config.mode == "dpo":
-        return "preference"
-    if config.model.recipe == "rad3d_prefix":
-        return "ct"
-    return config.data.task
-
-
 def read_samples(config: TrainConfig, root: Optional[Path]):
     """The run's SampleSet: the synthetic twin's part, or the real dataset at data.path."""
     from mrgfast.data import (read_ct_reports, read_preference_jsonl, read_r2gen, read_report_list, read_slake,
                               read_vqa_rad)
     from mrgfast.data.synthetic import demo_samples
     data, skip = config.data, dict(skip_bad_samples=config.data.skip_bad_samples)
+    if data.clean is not None:  # else each reader's own default (TrainConfig refuses it for VQA)
+        skip["clean"] = data.clean
+    if data.dataset == "synthetic":
+        return demo_samples(root, config.synthetic_part(), data.split, **skip)
+    if data.dataset in ("iu_xray", "mimic_cxr"):
+        return read_r2gen(data.path, split=data.split, dataset=data.dataset, image_dir=data.image_dir, **skip)
     if data.dataset == "vqa_rad":
         return read_vqa_rad(data.path, image_dir=data.image_dir, **skip)
     if data.dataset == "slake":
         return read_slake(data.path, image_dir=data.image_dir, **skip)
-    if data.clean is not None:  # else each reader's own default
-        skip["clean"] = data.clean
-    if data.dataset == "synthetic":
-        part = synthetic_part(config)
-        if part == "vqa" and "clean" in skip:
-            raise ConfigError(f"data.clean: the synthetic VQA part is not cleaned (answers are normalised at "
-                              f"evaluation), got clean={data.clean!r}")
-        return demo_samples(root, part, data.split, **skip)
-    if data.dataset in ("iu_xray", "mimic_cxr"):
-        return read_r2gen(data.path, split=data.split, dataset=data.dataset, image_dir=data.image_dir, **skip)
     if data.dataset == "captions":
         return read_report_list(data.path, image_dir=data.image_dir, task=data.task, **skip)
     if data.dataset == "preference":

@@ -114,8 +114,6 @@ class DataSection:
         require(self.dataset == "synthetic" or self.path is not None,
                 f"dataset {self.dataset!r} needs data.path (the annotation / question / JSONL / CSV file)")
         require(self.image_size is None or self.image_size >= 1, f"image_size must be >= 1, got {self.image_size}")
-        require(self.clean is None or self.dataset not in ("vqa_rad", "slake"),
-                f"clean is for report text; {self.dataset} answers are normalised at evaluation, got clean={self.clean!r}")
         require(self.synthetic_n >= 3, f"synthetic_n must be >= 3, got {self.synthetic_n}")
         require(self.synthetic_size >= 32, f"synthetic_size must be >= 32, got {self.synthetic_size}")
         require(self.synthetic_volume_size >= 8,
@@ -292,6 +290,22 @@ class TrainConfig:
                 "lookups")
         require(not (self.cuda_graphs and self.mode == "dpo"),
                 "cuda_graphs=true supports mode=sft only: DPO's shared-prompt layout changes shape with every batch")
+        vqa_source = None
+        if self.data.dataset in ("vqa_rad", "slake"):
+            vqa_source = self.data.dataset
+        elif self.data.dataset == "synthetic" and self.synthetic_part() == "vqa":
+            vqa_source = "the synthetic VQA"
+        require(self.data.clean is None or vqa_source is None,
+                f"data.clean is for report text; {vqa_source} answers are normalised at evaluation, "
+                f"got clean={self.data.clean!r}")
+
+    def synthetic_part(self) -> str:
+        """Which part of the synthetic twin this run reads (with data.dataset=synthetic)."""
+        if self.mode == "dpo":
+            return "preference"
+        if self.model.recipe == "rad3d_prefix":
+            return "ct"
+        return self.data.task
 
 
 def load_config(path: Union[str, Path, None] = None, overrides: Sequence[str] = ()) -> TrainConfig:
