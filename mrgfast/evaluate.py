@@ -38,8 +38,9 @@ SUMMARY_METRICS = ("report/BLEU_1", "report/BLEU_4", "report/METEOR", "report/RO
 
 
 def generate_texts(model, tokenizer, samples: Sequence, builder, image_config: Optional[ImageConfig] = None,
-                   batch_size: int = 16, num_beams: int = 1, max_new_tokens: int = 100) -> list:
-    """The decoded generation of each sample (its prompt only; the answer is never shown), in sample order."""
+                   batch_size: int = 16, num_beams: int = 1, max_new_tokens: int = 100, **generate_kwargs) -> list:
+    """The decoded generation of each sample (its prompt only; the answer is never shown), in sample order;
+    generate_kwargs (do_sample, temperature, top_k, top_p, generator, ...) go to models.generate."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     views = sorted({len(s.image_paths) for s in samples})
@@ -59,7 +60,7 @@ def generate_texts(model, tokenizer, samples: Sequence, builder, image_config: O
             prompts = [builder.encode(item["prompt"], "", item["task"], str(item["id"])) for item in items]
             pixels = torch.stack([item["pixel_values"] for item in items]) if model.adapters else None
             new_ids = model.generate(prompts, pixel_values=pixels, max_new_tokens=max_new_tokens,
-                                     num_beams=num_beams, eos_token_id=tokenizer.eos_token_id)
+                                     num_beams=num_beams, eos_token_id=tokenizer.eos_token_id, **generate_kwargs)
             texts += [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in new_ids]
     finally:
         model.train(was_training)

@@ -1,6 +1,6 @@
-"""Generation for evaluation: a KV cache, greedy decoding and beam search (HF's scoring), batched."""
+"""Generation: a KV cache, greedy decoding, beam search (HF's scoring) and sampling (HF's filters), batched."""
 
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -77,16 +77,21 @@ def generate(decoder: Decoder, input_ids: Union[Tensor, Sequence[Sequence[int]],
              attention_mask: Optional[Tensor] = None, *, inputs_embeds: Optional[Tensor] = None,
              position_ids: Optional[Tensor] = None, max_new_tokens: int = 32,
              eos_token_id: Union[int, Sequence[int], None] = None, num_beams: int = 1, length_penalty: float = 1.0,
-             early_stopping: bool = False) -> list:
-    """New token ids per prompt (a list of lists, eos included when produced), greedy or by beam search.
+             early_stopping: bool = False, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0, generator: Optional[torch.Generator] = None) -> list:
+    """New token ids per prompt (a list of lists, eos included when produced): greedy, beam search, or sampled.
 
     Prompts are input_ids [B, S] or inputs_embeds [B, S, hidden] with attention_mask [B, S] marking real tokens
     (any padding side), or a list of token-id lists. position_ids ([B, S], or [3, B, S] for M-RoPE) default to
     0.. over each prompt's real tokens; generated tokens continue from the prompt's largest position + 1.
-    Beam search scores as transformers does (length_penalty, early_stopping True/False). Dropout (LoRA's too)
-    follows the decoder's mode: call decoder.eval() first.
+    Beam search scores as transformers does (length_penalty, early_stopping True/False). do_sample draws each
+    token from softmax(logits / temperature) after transformers' top_k and top_p filters (0 and 1.0: off), using
+    `generator` (None: torch's global one); it draws one sequence per prompt, so it needs num_beams=1.
+    Dropout (LoRA's too) follows the decoder's mode: call decoder.eval() first.
     """
     check_generate_args(max_new_tokens, num_beams)
+    if do_sample:
+        check_sampling_args(num_beams, temperature, top_k, top_p)
     embeds, positions, lengths, next_pos = pack_prompts(decoder, input_ids, attention_mask, inputs_embeds,
                                                         position_ids)
     eos = torch.tensor([] if eos_token_id is None else
@@ -96,8 +101,13 @@ def generate(decoder: Decoder, input_ids: Union[Tensor, Sequence[Sequence[int]],
         lengths, "cpu").bounds, cache=cache)
     last = torch.tensor(lengths, device=embeds.device).cumsum(0) - 1
     logits = decoder.compute_logits(hidden[0, last]).float()
+    if do_sample:
+        def draw(step_logits: Tensor) -> Tensor:
+            probs = torch.softmax(filter_logits(step_logits, temperature, top_k, top_p), -1)
+            return torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0]
+        return decode_one_each(decoder, cache, logits, next_pos, eos, max_new_tokens, draw)
     if num_beams == 1:
-        return greedy(decoder, cache, logits, next_pos, eos, max_new_tokens)
+        return decode_one_each(decoder, cache, logits, next_pos, eos, max_new_tokens, lambda x: x.argmax(-1).cpu())
     return beam_search(decoder, cache, logits, next_pos, eos, max_new_tokens, num_beams, length_penalty,
                        early_stopping)
 
@@ -107,6 +117,35 @@ def check_generate_args(max_new_tokens, num_beams) -> None:
     for name, value in (("max_new_tokens", max_new_tokens), ("num_beams", num_beams)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def check_sampling_args(num_beams, temperature, top_k, top_p) -> None:
+    """ValueError naming the sampling argument that is out of range (or num_beams > 1, which sampling lacks)."""
+    if num_beams != 1:
+        raise ValueError(f"do_sample draws one sequence per prompt: num_beams must be 1, got {num_beams}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0: off), got {top_k!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (1.0: off), got {top_p!r}")
+
+
+def filter_logits(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Logits [N, vocab] divided by temperature, then with tokens outside the top_k and outside the top_p nucleus
+    set to -inf, in transformers' order and by its rules (ties with the k-th logit kept; the most likely token is
+    always kept)."""
+    logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        ascending, order = torch.sort(logits, dim=-1)
+        cumulative = ascending.softmax(-1).cumsum(-1)
+        drop = cumulative <= 1 - top_p
+        drop[..., -1] = False
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
 
 
 def pack_prompts(decoder: Decoder, input_ids, attention_mask, inputs_embeds, position_ids):
@@ -159,14 +198,15 @@ def decode_step(decoder: Decoder, cache: KVCache, tokens: Tensor, positions: Seq
     return decoder.compute_logits(hidden[0]).float()
 
 
-def greedy(decoder: Decoder, cache: KVCache, logits: Tensor, next_pos: list, eos: Tensor,
-           max_new_tokens: int) -> list:
-    """Greedy decoding; rows that produce eos leave the batch (and the cache) at once."""
+def decode_one_each(decoder: Decoder, cache: KVCache, logits: Tensor, next_pos: list, eos: Tensor,
+                    max_new_tokens: int, choose: Callable[[Tensor], Tensor]) -> list:
+    """One sequence per prompt, each token picked by `choose(logits [N, vocab]) -> CPU token ids [N]` (greedy:
+    argmax; sampling: a draw); rows that produce eos leave the batch (and the cache) at once."""
     outputs = [[] for _ in next_pos]
     active = list(range(len(next_pos)))
     stop = set(eos.tolist())
     for step in range(max_new_tokens):
-        tokens = logits.argmax(-1).cpu()
+        tokens = choose(logits)
         still = []
         for j, row in enumerate(active):
             outputs[row].append(int(tokens[j]))

@@ -141,3 +141,81 @@ def test_bad_arguments_raise(hf_model):
         generate(decoder, [[1, 2]], torch.ones(1, 2))
     with pytest.raises(ValueError, match=r"position_ids must be \[1, 4\] or \[3, 1, 4\]"):
         generate(decoder, ids, position_ids=torch.arange(4))
+
+
+def hf_filtered(logits, temperature, top_k, top_p):
+    """transformers' own sampling warpers, in generate's order: temperature, top-k, top-p."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    scores = TemperatureLogitsWarper(temperature)(None, logits.clone())
+    if top_k:
+        scores = TopKLogitsWarper(top_k)(None, scores)
+    if top_p < 1.0:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    return scores
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (0.5, 7, 0.6),
+                                                     (1.0, 1, 1.0), (1.0, 0, 0.05), (1.0, 200, 0.999)])
+def test_filter_logits_matches_transformers_warpers(temperature, top_k, top_p):
+    from mrgfast.models.generation import filter_logits
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(3))
+    logits[1, :6] = 2.5  # ties at the k-th logit: transformers keeps them all
+    ours, want = filter_logits(logits, temperature, top_k, top_p), hf_filtered(logits, temperature, top_k, top_p)
+    assert torch.equal(torch.isinf(ours), torch.isinf(want))
+    torch.testing.assert_close(ours[~torch.isinf(ours)], want[~torch.isinf(want)])
+    assert (~torch.isinf(ours)).sum(-1).min() >= 1  # the most likely token always survives
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.8, 10, 0.9)])
+def test_sampling_matches_transformers_with_the_same_seed(hf_model, temperature, top_k, top_p):
+    # Both draw with torch.multinomial from the same global generator on the same probabilities, so the same
+    # seed gives the same tokens; a wrong filter, temperature or token position would change them.
+    model, path = hf_model("llama")
+    decoder = load_decoder(path)
+    prompt = prompts()[1]
+    torch.manual_seed(11)
+    want = model.generate(input_ids=torch.tensor([prompt]), do_sample=True, temperature=temperature, top_k=top_k,
+                          top_p=top_p, max_new_tokens=12, pad_token_id=PAD, eos_token_id=None)[0, len(prompt):]
+    torch.manual_seed(11)
+    ours = generate(decoder, [prompt], max_new_tokens=12, do_sample=True, temperature=temperature, top_k=top_k,
+                    top_p=top_p)
+    assert ours == [want.tolist()]
+
+
+def test_sampling_with_top_k_1_is_greedy_and_a_generator_makes_it_reproducible(hf_model):
+    _, path = hf_model("qwen2")
+    decoder = load_decoder(path)
+    rows = prompts()
+    assert generate(decoder, rows, max_new_tokens=8, do_sample=True, top_k=1) == generate(decoder, rows,
+                                                                                          max_new_tokens=8)
+    draws = [generate(decoder, rows, max_new_tokens=8, do_sample=True, temperature=2.0,
+                      generator=torch.Generator().manual_seed(seed)) for seed in (5, 5, 6)]
+    assert draws[0] == draws[1] and draws[0] != draws[2]
+
+
+def test_sampled_first_tokens_follow_the_softmax(hf_model):
+    _, path = hf_model("llama")
+    decoder = load_decoder(path)
+    prompt = prompts()[0]
+    with torch.no_grad():
+        probs = torch.softmax(decoder.compute_logits(decoder(torch.tensor([prompt]))[0, -1]).float() / 0.5, -1)
+    n = 4000
+    first = generate(decoder, [prompt] * n, max_new_tokens=1, do_sample=True, temperature=0.5,
+                     generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(torch.tensor([row[0] for row in first]), minlength=probs.numel()).float()
+    # Every token's count within 5 binomial standard deviations of n * p (plus one for p near 0).
+    bound = 5 * (n * probs * (1 - probs)).sqrt() + 1
+    assert ((counts - n * probs).abs() <= bound).all()
+
+
+def test_bad_sampling_arguments_raise(hf_model):
+    _, path = hf_model("llama")
+    decoder = load_decoder(path)
+    ids = random_ids(1, 4)
+    for kwargs, message in (({"temperature": 0.0}, "temperature must be a number > 0"),
+                            ({"top_k": -1}, "top_k must be an int >= 0"),
+                            ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+                            ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+                            ({"num_beams": 2}, "do_sample draws one sequence per prompt: num_beams must be 1")):
+        with pytest.raises(ValueError, match=message):
+            generate(decoder, ids, do_sample=True, **kwargs)
