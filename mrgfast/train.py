@@ -72,7 +72,8 @@ def run(config: TrainConfig, ctx, on_step) -> TrainResult:
     bf16 = device.type == "cuda" and config.model.dtype in ("auto", "bfloat16")
     settings = StepSettings(config.mode, world, config.optim.max_grad_norm, config.dpo.beta, config.dpo.loss_type,
                             config.dpo.label_smoothing, torch.bfloat16 if bf16 else None,
-                            average_gradients=fsdp and not sharded)  # sharded: FSDP2 reduce-scatters them
+                            average_gradients=fsdp and not sharded,  # sharded: FSDP2 reduce-scatters them
+                            loss_weights=config.dpo.loss_weights)
     ref_logps, ref_path = None, None
     if config.mode == "dpo" and config.dpo.reference == "precomputed":
         ref_path = Path(config.dpo.reference_logps_path or out_dir / "reference_logps.safetensors")

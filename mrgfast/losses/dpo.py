@@ -1,28 +1,48 @@
 """DPO loss from per-sequence log-probs, with TRL's loss types, formulas and metric names."""
 
 from numbers import Real
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust")
+# "sft" is TRL's negative log-likelihood of the chosen tokens (mean over the batch's chosen tokens): combined with a
+# preference loss, as loss_type=["sigmoid", "sft"] with loss_weights=[1, alpha], it is RPO (TRL's rpo_alpha before 1.0),
+# which keeps DPO from lowering the chosen answers' likelihood along with the rejected ones'.
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "sft")
 # Loss types that read label_smoothing; the others would silently ignore it, so a non-zero value is an error.
 SMOOTHED_LOSS_TYPES = ("sigmoid", "robust")
+# Loss types that need each sequence's counted-token length.
+LENGTH_LOSS_TYPES = ("ipo", "sft")
 
 
-def check_dpo_args(loss_type: str, beta, label_smoothing: float) -> None:
-    """Raise ValueError for an unknown loss_type or a beta / label_smoothing it cannot use."""
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
+def loss_types_of(loss_type: Union[str, Sequence[str]]) -> list:
+    """loss_type as TRL 1.x takes it (one name or a list of names to sum), as a list of names."""
+    return [loss_type] if isinstance(loss_type, str) else list(loss_type)
+
+
+def check_dpo_args(loss_type: Union[str, Sequence[str]], beta, label_smoothing: float,
+                   loss_weights: Optional[Sequence[float]] = None) -> None:
+    """Raise ValueError for an unknown loss_type, loss_weights that do not fit it, or a beta / label_smoothing
+    it cannot use."""
+    types = loss_types_of(loss_type)
+    if not types or len(set(types)) != len(types) or any(t not in LOSS_TYPES for t in types):
+        raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)} or a list of distinct ones, "
+                         f"got {loss_type!r}")
+    if loss_weights is not None and len(loss_weights) != len(types):
+        raise ValueError(f"loss_weights must give one weight per loss_type ({len(types)}: {types}), "
+                         f"got {list(loss_weights)}")
+    if types == ["sft"]:
+        raise ValueError("loss_type 'sft' alone is supervised fine-tuning: combine it with a preference loss, "
+                         "e.g. loss_type=[sigmoid, sft] with loss_weights=[1.0, 1.0] (RPO)")
     # A tensor beta (a schedule) is taken as is: checking its value would synchronise with the device.
     if isinstance(beta, Real) and not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta}")
-    if label_smoothing != 0.0 and loss_type not in SMOOTHED_LOSS_TYPES:
+    if label_smoothing != 0.0 and not set(types) & set(SMOOTHED_LOSS_TYPES):
         raise ValueError(f"label_smoothing={label_smoothing} is only used by loss_type "
                          f"{' or '.join(SMOOTHED_LOSS_TYPES)}, not {loss_type!r}")
-    if loss_type == "robust" and not 0.0 <= label_smoothing < 0.5:
+    if "robust" in types and not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing for loss_type 'robust' is a label-flip rate in [0, 0.5), "
                          f"got {label_smoothing}")
     if not 0.0 <= label_smoothing <= 1.0:
@@ -49,7 +69,7 @@ def check_lengths(name: str, lengths: Tensor, num_pairs: int) -> Tensor:
 
 
 def per_pair_losses(delta: Tensor, beta, loss_type: str, label_smoothing: float) -> Tensor:
-    """The DPO loss of each pair [P] from delta = policy log-ratio margin minus the reference's."""
+    """The preference loss of each pair [P] from delta = policy log-ratio margin minus the reference's."""
     logits = beta * delta
     if loss_type == "sigmoid":
         # Conservative DPO (label smoothing e): the preference label is trusted with probability 1 - e.
@@ -80,17 +100,21 @@ def dpo_metrics(beta, chosen_logratios: Tensor, rejected_logratios: Tensor, poli
 
 
 def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
-             ref_rejected_logps: Tensor, beta=0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
-             chosen_lengths: Optional[Tensor] = None,
-             rejected_lengths: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
+             ref_rejected_logps: Tensor, beta=0.1, loss_type: Union[str, Sequence[str]] = "sigmoid",
+             label_smoothing: float = 0.0, chosen_lengths: Optional[Tensor] = None,
+             rejected_lengths: Optional[Tensor] = None,
+             loss_weights: Optional[Sequence[float]] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
     """Mean DPO loss over P pairs and TRL's metrics, from per-sequence summed log-probs [P] each.
 
     loss_type: "sigmoid" (with label smoothing e: conservative DPO), "hinge", "ipo" or "robust", with
-    TRL's formulas on delta = (pi_c - ref_c) - (pi_r - ref_r). "ipo" divides each log-ratio by its
-    sequence's counted-token length (clamped to >= 1) as TRL does, so it needs chosen_lengths and
-    rejected_lengths [P]; the other types ignore them. Metrics use the summed log-probs, as TRL logs them.
+    TRL's formulas on delta = (pi_c - ref_c) - (pi_r - ref_r); or, as TRL 1.x, a list of them summed with
+    loss_weights (default 1 each), where "sft" adds the chosen tokens' mean negative log-likelihood (RPO).
+    "ipo" divides each log-ratio by its sequence's counted-token length (clamped to >= 1) as TRL does, and "sft"
+    averages over the chosen tokens, so both need chosen_lengths and rejected_lengths [P]; the other types ignore
+    them. Metrics use the summed log-probs, as TRL logs them.
     """
-    check_dpo_args(loss_type, beta, label_smoothing)
+    check_dpo_args(loss_type, beta, label_smoothing, loss_weights)
+    types = loss_types_of(loss_type)
     policy_chosen = check_pair_logps("policy_chosen_logps", policy_chosen_logps)
     num_pairs = policy_chosen.shape[0]
     if num_pairs == 0:
@@ -101,14 +125,23 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
 
     chosen_logratios = policy_chosen - ref_chosen
     rejected_logratios = policy_rejected - ref_rejected
-    if loss_type == "ipo":
+    needs_lengths = [t for t in types if t in LENGTH_LOSS_TYPES]
+    if needs_lengths:
         if chosen_lengths is None or rejected_lengths is None:
-            raise ValueError("loss_type 'ipo' averages log-probs over tokens (as TRL does): pass chosen_lengths "
-                             "and rejected_lengths, the counted tokens of each sequence [num_pairs]")
+            raise ValueError(f"loss_type {needs_lengths[0]!r} averages log-probs over tokens (as TRL does): pass "
+                             "chosen_lengths and rejected_lengths, the counted tokens of each sequence [num_pairs]")
         chosen_len = check_lengths("chosen_lengths", chosen_lengths, num_pairs)
         rejected_len = check_lengths("rejected_lengths", rejected_lengths, num_pairs)
-        delta = chosen_logratios / chosen_len - rejected_logratios / rejected_len
-    else:
-        delta = chosen_logratios - rejected_logratios
-    loss = per_pair_losses(delta, beta, loss_type, label_smoothing).mean()
+    weights = [1.0] * len(types) if loss_weights is None else list(loss_weights)
+    loss = policy_chosen.new_zeros(())
+    for name, weight in zip(types, weights):
+        if name == "sft":
+            # TRL's: the mean over every chosen token of the batch (unclamped counts: an empty answer adds none).
+            term = -policy_chosen.sum() / check_pair_logps("chosen_lengths", chosen_lengths.float()).sum().clamp_min(1)
+        elif name == "ipo":
+            delta = chosen_logratios / chosen_len - rejected_logratios / rejected_len
+            term = per_pair_losses(delta, beta, name, label_smoothing).mean()
+        else:
+            term = per_pair_losses(chosen_logratios - rejected_logratios, beta, name, label_smoothing).mean()
+        loss = loss + weight * term
     return loss, dpo_metrics(beta, chosen_logratios, rejected_logratios, policy_chosen, policy_rejected)

@@ -56,9 +56,9 @@ def reference_sequence_logps(ref_hidden: Tensor, hidden: Tensor, weight: Tensor,
 def fused_dpo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, cu_seqlens: Tensor, *,
                    bias: Optional[Tensor] = None, ref_logps: Union[Tensor, Sequence[Tensor], None] = None,
                    ref_hidden: Optional[Tensor] = None, ref_weight: Optional[Tensor] = None,
-                   ref_bias: Optional[Tensor] = None, beta=0.1, loss_type: str = "sigmoid",
-                   label_smoothing: float = 0.0, ignore_index: int = -100,
-                   validate: bool = False) -> Tuple[Tensor, Dict[str, Tensor]]:
+                   ref_bias: Optional[Tensor] = None, beta=0.1, loss_type: Union[str, Sequence[str]] = "sigmoid",
+                   label_smoothing: float = 0.0, loss_weights: Optional[Sequence[float]] = None,
+                   ignore_index: int = -100, validate: bool = False) -> Tuple[Tensor, Dict[str, Tensor]]:
     """DPO loss and TRL's metrics from packed hidden states [N, D], never building the [N, vocab] logits.
 
     `cu_seqlens` [2P+1] packs P chosen sequences then the P rejected ones (TRL's concatenated order);
@@ -66,7 +66,8 @@ def fused_dpo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, cu_seqlens: T
     the sum over its labelled tokens (TRL's; "ipo" then averages over them, as TRL does). The reference
     comes either precomputed (`ref_logps`: [2P] or (chosen [P], rejected [P]) summed log-probs) or as
     reference hidden states `ref_hidden` with the same packing, read through `ref_weight` / `ref_bias`
-    (each defaulting to the policy's) under no_grad. Sync-free unless `validate=True`.
+    (each defaulting to the policy's) under no_grad. loss_type / loss_weights as losses.dpo.dpo_loss (a list with
+    "sft" is RPO). Sync-free unless `validate=True`.
     """
     if (ref_logps is None) == (ref_hidden is None):
         raise ValueError("pass exactly one of ref_logps (precomputed reference log-probs) or ref_hidden "
@@ -74,7 +75,7 @@ def fused_dpo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, cu_seqlens: T
     if ref_logps is not None and (ref_weight is not None or ref_bias is not None):
         raise ValueError("ref_weight/ref_bias are only used with ref_hidden; with ref_logps leave them None")
     # Argument errors first: they should not wait for a pass over the vocabulary.
-    check_dpo_args(loss_type, beta, label_smoothing)
+    check_dpo_args(loss_type, beta, label_smoothing, loss_weights)
     num_pairs = count_pairs(cu_seqlens)
     token_mask = labels != ignore_index
     token_logps = linear_logprobs(hidden, weight, labels, bias, ignore_index, validate)
@@ -90,4 +91,4 @@ def fused_dpo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, cu_seqlens: T
         ref_chosen, ref_rejected = ref_all[:num_pairs], ref_all[num_pairs:]
     return dpo_loss(policy_logps[:num_pairs], policy_logps[num_pairs:], ref_chosen, ref_rejected, beta=beta,
                     loss_type=loss_type, label_smoothing=label_smoothing, chosen_lengths=counts[:num_pairs],
-                    rejected_lengths=counts[num_pairs:])
+                    rejected_lengths=counts[num_pairs:], loss_weights=loss_weights)

@@ -201,14 +201,17 @@ class DPOSection:
     """DPO settings with TRL's names; used when mode is 'dpo'."""
 
     beta: float = 0.1
-    loss_type: Literal["sigmoid", "hinge", "ipo", "robust"] = "sigmoid"
+    # One loss, or (TRL 1.x) a list summed with loss_weights: [sigmoid, sft] with weights [1, alpha] is RPO.
+    loss_type: Union[Literal["sigmoid", "hinge", "ipo", "robust"],
+                     list[Literal["sigmoid", "hinge", "ipo", "robust", "sft"]]] = "sigmoid"
     label_smoothing: float = 0.0
+    loss_weights: Optional[list[float]] = None  # one per loss_type entry (default 1 each)
     reference: Literal["disabled_adapters", "precomputed"] = "disabled_adapters"
     reference_logps_path: Optional[str] = None  # precomputed: where the first pass writes / training reads them
     layout: Literal["shared", "padded"] = "shared"  # shared: each prompt packed once; padded: TRL's two rows
 
     def __post_init__(self):
-        check_dpo_args(self.loss_type, self.beta, self.label_smoothing)
+        check_dpo_args(self.loss_type, self.beta, self.label_smoothing, self.loss_weights)
 
 
 @dataclass

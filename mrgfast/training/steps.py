@@ -7,7 +7,7 @@ so `train_step` can be captured in a CUDA graph; a CPU test runs it under sync_g
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -47,10 +47,11 @@ class StepSettings:
     world_size: int = 1
     max_grad_norm: Optional[float] = 1.0
     beta: float = 0.1
-    loss_type: str = "sigmoid"
+    loss_type: Union[str, Sequence[str]] = "sigmoid"
     label_smoothing: float = 0.0
     autocast_dtype: Optional[torch.dtype] = None
     average_gradients: bool = False   # FSDP2 here keeps trainables unsharded: their gradients are averaged by hand
+    loss_weights: Optional[Sequence[float]] = None
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -141,7 +142,7 @@ def dpo_loss(model: nn.Module, micro: MicroBatch, settings: StepSettings) -> tup
                              None if ref_hidden is None else ref_hidden.to(weight.dtype))
     loss, metrics = fused_dpo_loss(**inputs, weight=weight, bias=bias, ref_logps=micro.ref_logps,
                                    beta=settings.beta, loss_type=settings.loss_type,
-                                   label_smoothing=settings.label_smoothing)
+                                   label_smoothing=settings.label_smoothing, loss_weights=settings.loss_weights)
     return loss * micro.weight, {k: metrics[k].detach() * micro.weight for k in DPO_METRICS}
 
 

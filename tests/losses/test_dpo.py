@@ -198,6 +198,36 @@ def test_bad_hyperparameters_raise(kwargs, match):
         dpo_loss(pc, pr, rc, rr, **kwargs)
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0]), "one weight per loss_type"),
+    (dict(loss_type="sft"), "'sft' alone is supervised fine-tuning"),
+    (dict(loss_type=["sigmoid", "sigmoid"]), "a list of distinct ones"),
+    (dict(loss_type=[]), "a list of distinct ones"),
+    (dict(loss_type=["sigmoid", "kto"]), "one of sigmoid, hinge, ipo, robust, sft"),
+    (dict(loss_type=["hinge", "sft"], label_smoothing=0.1), "label_smoothing"),
+])
+def test_bad_combined_losses_raise(kwargs, match):
+    pc, pr, rc, rr, lc, lr = pair_logps()
+    with pytest.raises(ValueError, match=match):
+        dpo_loss(pc, pr, rc, rr, chosen_lengths=lc, rejected_lengths=lr, **kwargs)
+    with pytest.raises(ValueError, match="'sft' averages log-probs over tokens"):
+        dpo_loss(pc, pr, rc, rr, loss_type=["sigmoid", "sft"])
+
+
+def test_combined_loss_is_the_weighted_sum_and_sft_is_the_chosen_token_nll():
+    pc, pr, rc, rr, lc, lr = pair_logps(seed=4)
+    sigmoid, metrics = dpo_loss(pc, pr, rc, rr, beta=0.3)
+    ipo, _ = dpo_loss(pc, pr, rc, rr, beta=0.3, loss_type="ipo", chosen_lengths=lc, rejected_lengths=lr)
+    nll = -pc.sum() / lc.sum()
+    rpo, rpo_metrics = dpo_loss(pc, pr, rc, rr, beta=0.3, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5],
+                                chosen_lengths=lc, rejected_lengths=lr)
+    torch.testing.assert_close(rpo, sigmoid + 0.5 * nll)
+    both, _ = dpo_loss(pc, pr, rc, rr, beta=0.3, loss_type=["ipo", "sigmoid"], chosen_lengths=lc,
+                       rejected_lengths=lr)
+    torch.testing.assert_close(both, ipo + sigmoid)  # default weights: 1 each
+    assert all(torch.equal(metrics[k], rpo_metrics[k]) for k in metrics)  # the metrics are the preference's
+
+
 def test_bad_shapes_raise():
     pc, pr, rc, rr, lc, _ = pair_logps()
     with pytest.raises(ValueError, match="policy_chosen_logps"):
@@ -243,8 +273,11 @@ class StandInModel:
                                is_top1=zeros.bool())
 
 
-def trl_dpo(per_token_logps, completion_mask, ref_chosen, ref_rejected, beta, loss_type, label_smoothing):
-    """(loss, logged metrics) from TRL's DPOTrainer._compute_loss on a stand-in trainer."""
+def trl_dpo(per_token_logps, completion_mask, ref_chosen, ref_rejected, beta, loss_type, label_smoothing,
+            loss_weights=None):
+    """(loss, logged metrics) from TRL's DPOTrainer._compute_loss on a stand-in trainer (loss_type: a name or a
+    list of names, summed with loss_weights as TRL does)."""
+    loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     import trl  # noqa: F401  (the baseline extra installs it)
     from trl.trainer.dpo_trainer import DPOTrainer
 
@@ -254,7 +287,7 @@ def trl_dpo(per_token_logps, completion_mask, ref_chosen, ref_rejected, beta, lo
         model=model, accelerator=SimpleNamespace(device=torch.device("cpu"), gather=identity,
                                                  gather_for_metrics=identity),
         aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True, f_divergence_type="reverse_kl",
-        loss_types=[loss_type], loss_weights=[1.0], beta=beta, label_smoothing=label_smoothing, use_weighting=False,
+        loss_types=loss_types, loss_weights=loss_weights or [1.0] * len(loss_types), beta=beta, label_smoothing=label_smoothing, use_weighting=False,
         _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, _total_train_tokens=0, _tp_size=1)
     inputs = {"input_ids": torch.zeros_like(completion_mask), "attention_mask": torch.ones_like(completion_mask),
               "completion_mask": completion_mask, "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
@@ -297,6 +330,29 @@ def test_matches_trl_loss_gradients_and_metrics(loss_type, smoothing, beta):
     assert set(metrics) == METRIC_NAMES and METRIC_NAMES <= set(trl_metrics)
     for name in METRIC_NAMES:
         assert float(metrics[name]) == pytest.approx(trl_metrics[name], rel=1e-5, abs=1e-6), name
+
+
+@pytest.mark.parametrize("loss_types, weights", [(["sigmoid", "sft"], [1.0, 0.7]), (["ipo", "sft"], None),
+                                                  (["sigmoid", "hinge"], [0.3, 2.0])])
+def test_combined_losses_match_trl(loss_types, weights):
+    # TRL 1.x sums the loss types with loss_weights; its "sft" is the mean NLL of every chosen token (RPO).
+    logps, mask = padded_batch(seed=14)
+    num_pairs = logps.shape[0] // 2
+    gen = torch.Generator().manual_seed(15)
+    ref_chosen, ref_rejected = (-torch.rand(num_pairs, generator=gen) * 30 for _ in range(2))
+    trl_logps = logps.clone().requires_grad_(True)
+    our_logps = logps.clone().requires_grad_(True)
+    trl_loss, _ = trl_dpo(trl_logps, mask, ref_chosen, ref_rejected, 0.2, loss_types, 0.0,
+                          loss_weights=weights)
+    loss, _ = ours_from_padded(our_logps, mask, ref_chosen, ref_rejected, beta=0.2, loss_type=loss_types,
+                               loss_weights=weights)
+    torch.testing.assert_close(loss, trl_loss, rtol=1e-5, atol=1e-6)
+    trl_loss.backward()
+    loss.backward()
+    # Compared on completion tokens: TRL's "sft" indexes them, while a padded position (log-prob 0 here) still sits
+    # in the per-sequence sums; the fused head never has such positions.
+    completion = mask[:, 1:].bool()
+    torch.testing.assert_close(our_logps.grad[completion], trl_logps.grad[completion], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("smoothing", [0.1, 0.3])

@@ -109,6 +109,21 @@ def test_matches_naive_path(loss_type, smoothing, ref_mode, train_head):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
 
+def test_rpo_matches_naive_path_and_adds_the_chosen_token_nll():
+    # loss_type=[sigmoid, sft] (RPO): the fused path must count the chosen tokens as the naive one does.
+    batch = packed_batch(seed=6)
+    rpo = dict(beta=0.1, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.4])
+    (loss, _, grads), (want, _, want_grads) = run_both(batch, "hidden", True, **rpo)
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    for got, expected in zip(grads, want_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    (plain, _, _), _ = run_both(batch, "hidden", True, beta=0.1)
+    sums, counts = naive_sequence_logps(batch["hidden"], batch["weight"], batch["bias"], batch["labels"],
+                                        batch["cu_seqlens"])
+    p = sums.shape[0] // 2
+    torch.testing.assert_close(loss, plain - 0.4 * sums[:p].sum() / counts[:p].sum(), rtol=1e-5, atol=1e-6)
+
+
 def test_matches_naive_path_without_bias_across_chunks(monkeypatch):
     # A chunk budget of a few tokens makes chunk boundaries fall inside and between the packed sequences.
     monkeypatch.setattr(linear_cross_entropy_cpu, "CHUNK_BUDGET_BYTES", 5 * VOCAB * 4)

@@ -67,6 +67,11 @@ def test_base_loop_is_an_error(tmp_path):
         load_config(tmp_path / "a.yaml")
 
 
+def test_rpo_is_a_list_of_loss_types_with_weights():
+    cfg = parse_cli(["mode=dpo", "dpo.loss_type=[sigmoid, sft]", "dpo.loss_weights=[1, 0.5]"])
+    assert (cfg.dpo.loss_type, cfg.dpo.loss_weights) == (["sigmoid", "sft"], [1.0, 0.5])
+
+
 @pytest.mark.parametrize("argv, message", [
     (["optim.lrr=1e-4"], r"unknown config key 'optim.lrr'; did you mean 'optim.lr'\?.*valid keys here: lr,"),
     (["optimizer.lr=1e-4"], r"unknown config key 'optimizer'; did you mean 'optim'\?"),
@@ -81,6 +86,9 @@ def test_base_loop_is_an_error(tmp_path):
     (["optim.lr=-1"], r"config section 'optim': lr must be > 0"),
     (["dpo.loss_type=hinge", "dpo.label_smoothing=0.1"], r"config section 'dpo': label_smoothing=0.1"),
     (["schedule.warmup_steps=500", "schedule.max_steps=100"], r"config section 'schedule': warmup_steps"),
+    (["dpo.loss_type=[sigmoid,sft]", "dpo.loss_weights=[1.0]"], r"config section 'dpo': loss_weights must give one"),
+    (["dpo.loss_type=[sigmoid,kto]"], r"config key 'dpo.loss_type': expected one of 'sigmoid', .* or a list of"),
+    (["dpo.loss_type=sft"], r"config section 'dpo': loss_type 'sft' alone is supervised fine-tuning"),
     (["config=a.yaml", "config=b.yaml"], r"config= given twice"),
     (["mode=dpo", "cuda_graphs=true"], r"cuda_graphs=true supports mode=sft only"),
     (["model.vision_cache=memory", "cuda_graphs=true"], r"cuda_graphs=true cannot use model.vision_cache"),
