@@ -1,0 +1,136 @@
+"""On-policy DPO pairs: the model's own sampled reports that assert a finding the study lacks (rejected) against the
+faithful reference report (chosen). `python -m mrgfast.onpolicy_pairs checkpoint=PATH out=pairs.jsonl [...]`.
+
+Template pairs (a finding injected into the reference) teach DPO errors a model may never make; pairs drawn from
+the model itself aim at the hallucinations it does make (the RLHF-V / RLAIF-V construction), labelled here by the
+finding labeler against the reference. The file is the JSONL `data.dataset=preference` reads.
+"""
+
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from mrgfast.data.labeler import label_report
+from mrgfast.data.text import clean_report_iu_xray
+from mrgfast.evaluate import HALLUCINATION_FINDINGS, generate_texts
+from mrgfast.metrics.outputs import atomic_write_text
+
+
+@dataclasses.dataclass
+class PairOptions:
+    """How many reports are drawn per study and how (transformers' sampling names)."""
+
+    num_samples: int = 4
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    max_new_tokens: int = 100
+    batch_size: int = 16
+    seed: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 1:
+            raise ValueError(f"num_samples must be a positive int, got {self.num_samples!r}")
+
+
+def hallucinated(reference: str, generated: str) -> list:
+    """The findings `generated` asserts that `reference` does not (by the finding labeler), in labeler order."""
+    ref, gen = label_report(reference), label_report(generated)
+    return [name for name in HALLUCINATION_FINDINGS if gen.get(name) == 1 and ref.get(name) != 1]
+
+
+def draw_reports(model, tokenizer, samples: Sequence, builder, image_config, options: PairOptions) -> list:
+    """options.num_samples sampled reports per sample: a list (per sample) of lists of texts."""
+    generator = torch.Generator().manual_seed(options.seed)
+    repeated = [s for s in samples for _ in range(options.num_samples)]
+    texts = generate_texts(model, tokenizer, repeated, builder, image_config, options.batch_size, 1,
+                           options.max_new_tokens, do_sample=True, temperature=options.temperature,
+                           top_k=options.top_k, top_p=options.top_p, generator=generator)
+    k = options.num_samples
+    return [texts[i * k:(i + 1) * k] for i in range(len(samples))]
+
+
+def choose_pairs(samples: Sequence, drawn: Sequence[Sequence[str]],
+                 clean: Callable[[str], str] = clean_report_iu_xray) -> tuple:
+    """(pair rows, counts): per sample, its cleaned reference as chosen and, as rejected, the drawn report with the
+    fewest hallucinated findings among those with at least one (first drawn on a tie: the closest to the reference
+    that is still wrong); samples none of whose draws hallucinates give no pair."""
+    if len(samples) != len(drawn):
+        raise ValueError(f"{len(samples)} samples but {len(drawn)} lists of drawn reports")
+    rows, counts = [], {"studies": len(samples), "drawn": 0, "drawn_with_hallucination": 0, "pairs": 0}
+    for sample, texts in zip(samples, drawn):
+        reference = clean(sample.answer)
+        wrong = [(len(found), i, found) for i, text in enumerate(texts) if (found := hallucinated(reference, text))]
+        counts["drawn"] += len(texts)
+        counts["drawn_with_hallucination"] += len(wrong)
+        if not wrong:
+            continue
+        _, index, found = min(wrong)
+        rows.append({"id": sample.id, "images": [os.path.abspath(p) for p in sample.image_paths],
+                     "prompt": sample.prompt,
+                     "chosen": reference, "rejected": texts[index], "change": "hallucinated: " + ", ".join(found)})
+    counts["pairs"] = len(rows)
+    return rows, counts
+
+
+def build_onpolicy_pairs(model, tokenizer, samples: Sequence, builder, image_config, out,
+                         options: Optional[PairOptions] = None,
+                         clean: Callable[[str], str] = clean_report_iu_xray) -> dict:
+    """Draw reports for the report samples, write the pairs to `out` (JSONL, atomically) and return the counts."""
+    options = options or PairOptions()
+    reports = [s for s in samples if s.task == "report"]
+    if not reports:
+        raise ValueError("on-policy pairs need report samples (task 'report'), got none")
+    drawn = draw_reports(model, tokenizer, reports, builder, image_config, options)
+    rows, counts = choose_pairs(reports, drawn, clean)
+    if not rows:
+        raise ValueError(f"none of the {counts['drawn']} drawn reports asserts a finding its reference lacks: no "
+                         f"pairs to write to {out} (draw more with num_samples or a higher temperature)")
+    atomic_write_text(out, "".join(json.dumps(row) + "\n" for row in rows))
+    return counts
+
+
+CLI_KEYS = ("checkpoint", "out", "split") + tuple(f.name for f in dataclasses.fields(PairOptions))
+
+
+def main(argv=None) -> int:
+    """Command-line entry: draw from a checkpoint's model on a split (default train), write the pairs JSONL."""
+    from mrgfast.evaluate import load_for_eval
+    argv = sys.argv[1:] if argv is None else list(argv)
+    values, overrides = {"split": "train"}, []
+    for item in argv:
+        key, sep, value = item.partition("=")
+        key = key.lstrip("-")
+        if not sep:
+            print(f"mrgfast.onpolicy_pairs: argument {item!r}: expected key=value", file=sys.stderr)
+            return 2
+        if key in CLI_KEYS:
+            values[key] = value
+        else:
+            overrides.append(item)  # a training-config key (data.*, model.*)
+    missing = [k for k in ("checkpoint", "out") if k not in values]
+    if missing:
+        print(f"mrgfast.onpolicy_pairs: {' and '.join(k + '=' for k in missing)} required", file=sys.stderr)
+        return 2
+    fields = {f.name: f.type for f in dataclasses.fields(PairOptions)}
+    try:
+        options = PairOptions(**{k: (int if fields[k] in (int, "int") else float)(v)
+                                 for k, v in values.items() if k in fields})
+    except ValueError as err:
+        print(f"mrgfast.onpolicy_pairs: {err}", file=sys.stderr)
+        return 2
+    model, tokenizer, builder, image_config, samples = load_for_eval(values["checkpoint"], overrides,
+                                                                     values["split"])
+    counts = build_onpolicy_pairs(model, tokenizer, samples, builder, image_config, Path(values["out"]), options)
+    print(f"[onpolicy_pairs] {counts['pairs']} pairs from {counts['studies']} studies "
+          f"({counts['drawn_with_hallucination']} of {counts['drawn']} drawn reports hallucinate) -> {values['out']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""mrgfast.onpolicy_pairs: which drawn report becomes the rejected one, the written file read back by the preference
+reader, the draws reproducible from the seed, and the CLI's argument errors."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from mrgfast import onpolicy_pairs
+from mrgfast.data import PromptBuilder, build_demo_tokenizer, clean_report_iu_xray, label_report
+from mrgfast.data.images import ImageConfig
+from mrgfast.data.preference import read_preference_jsonl
+from mrgfast.data.samples import Sample
+from mrgfast.data.synthetic import demo_samples, generate_demo
+from mrgfast.layers.token_group_projector import TokenGroupProjector
+from mrgfast.models import Decoder, DecoderConfig, ViT
+from mrgfast.models.multimodal import MultimodalLM
+from mrgfast.onpolicy_pairs import PairOptions, build_onpolicy_pairs, choose_pairs, hallucinated
+
+IMAGE = ImageConfig(size=16, mean=(0.5,), std=(0.25,), channels=1)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A synthetic twin's train reports, its tokenizer, an untrained tiny MultimodalLM and its prompt builder."""
+    root = tmp_path_factory.mktemp("onpolicy")
+    generate_demo(root / "data", seed=2, n=12, size=32, n_volumes=0)
+    samples = list(demo_samples(root / "data", "report", "train"))
+    tokenizer = build_demo_tokenizer([s.answer for s in samples], root / "tok", vocab_size=300)
+    torch.manual_seed(0)
+    decoder = Decoder(DecoderConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=48,
+                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    vit = ViT(16, 4, in_channels=1, dim=16, depth=1, heads=2).requires_grad_(False)
+    model = MultimodalLM(decoder, vision=vit, adapters={"image": TokenGroupProjector(16, 32, 4)}).eval()
+    builder = PromptBuilder(tokenizer, "pefomed", **model.builder_kwargs("pefomed", views=2))
+    return dict(root=root, model=model, tokenizer=tokenizer, builder=builder, samples=samples)
+
+
+def report_sample(sample_id: str, answer: str) -> Sample:
+    """A report Sample with two image paths."""
+    return Sample(id=sample_id, task="report", prompt="Describe.", answer=answer, image_paths=("a.png", "b.png"))
+
+
+def test_hallucinated_lists_findings_asserted_beyond_the_reference():
+    reference = "The heart is enlarged. No pleural effusion. No pneumothorax."
+    assert hallucinated(reference, "the heart is enlarged . small left pleural effusion .") == [
+        "Pleural Effusion", "Left Pleural Effusion"]
+    assert hallucinated(reference, "the heart is enlarged . no pleural effusion .") == []
+    assert hallucinated(reference, "no acute cardiopulmonary abnormality .") == []  # omissions are not counted
+    assert hallucinated("No acute cardiopulmonary abnormality.", "there is a right lung nodule .") == [
+        "Lung Lesion", "Right Lung Lesion"]
+
+
+def test_choose_pairs_takes_the_closest_wrong_draw_and_skips_clean_studies():
+    samples = [report_sample("a", "Normal heart size. No pleural effusion."),
+               report_sample("b", "Normal heart size. No focal nodule.")]
+    drawn = [["normal heart size . no pleural effusion .",                       # faithful
+              "the heart is enlarged . bilateral pleural effusions .",          # four hallucinated findings
+              "normal heart size . there is a left lung nodule .",              # two
+              "normal heart size . there is a right lung nodule ."],            # two, drawn later
+             ["normal heart size . no focal nodule .", "the heart size is normal ."]]
+    rows, counts = choose_pairs(samples, drawn)
+    assert counts == {"studies": 2, "drawn": 6, "drawn_with_hallucination": 3, "pairs": 1}
+    (row,) = rows
+    assert row["id"] == "a" and row["rejected"] == drawn[0][2]
+    assert row["chosen"] == clean_report_iu_xray(samples[0].answer)
+    assert row["change"] == "hallucinated: Lung Lesion, Left Lung Lesion"
+    assert row["images"][0].endswith("a.png") and row["images"][0].startswith("/")
+    with pytest.raises(ValueError, match="2 samples but 1 lists"):
+        choose_pairs(samples, drawn[:1])
+
+
+def test_draws_are_grouped_per_sample_and_fixed_by_the_seed(tiny):
+    # top_k=1 makes every draw the greedy report, so each group must hold its own sample's greedy text K times.
+    model, tok, samples, builder = tiny["model"], tiny["tokenizer"], tiny["samples"][:4], tiny["builder"]
+    greedy = onpolicy_pairs.generate_texts(model, tok, samples, builder, IMAGE, max_new_tokens=10)
+    drawn = onpolicy_pairs.draw_reports(model, tok, samples, builder, IMAGE,
+                                        PairOptions(num_samples=3, top_k=1, max_new_tokens=10))
+    assert drawn == [[text] * 3 for text in greedy]
+    hot = PairOptions(num_samples=3, temperature=2.0, max_new_tokens=10, seed=4)
+    first = onpolicy_pairs.draw_reports(model, tok, samples, builder, IMAGE, hot)
+    assert first == onpolicy_pairs.draw_reports(model, tok, samples, builder, IMAGE, hot)
+    assert first != onpolicy_pairs.draw_reports(model, tok, samples, builder, IMAGE, PairOptions(
+        num_samples=3, temperature=2.0, max_new_tokens=10, seed=5))
+    assert all(len(group) == 3 and len(set(group)) > 1 for group in first)
+
+
+def test_built_pairs_read_back_through_the_preference_reader(tiny, tmp_path, monkeypatch):
+    # Draws stand in for a model's samples: one study's draws hallucinate a right effusion, the others' are faithful.
+    samples = tiny["samples"]
+    answers = {s.id: clean_report_iu_xray(s.answer) for s in samples}
+    target = next(s for s in samples if not s.labels["Pleural Effusion"])
+    wrong = answers[target.id].replace(" . ", " . there is a right pleural effusion . ", 1)
+
+    def draw(model, tok, reports, builder, image, options):
+        return [[answers[s.id], wrong] if s.id == target.id else [answers[s.id]] * 2 for s in reports]
+
+    monkeypatch.setattr(onpolicy_pairs, "draw_reports", draw)
+    out = tmp_path / "pairs.jsonl"
+    counts = build_onpolicy_pairs(tiny["model"], tiny["tokenizer"], samples, tiny["builder"], IMAGE, out)
+    assert counts == {"studies": len(samples), "drawn": 2 * len(samples), "drawn_with_hallucination": 1, "pairs": 1}
+    (pair,) = read_preference_jsonl(out)  # absolute image paths: the file reads from anywhere
+    assert (pair.id, pair.answer, pair.rejected) == (target.id, answers[target.id], wrong)
+    assert list(pair.image_paths) == [str(p) for p in map(os.path.abspath, target.image_paths)]
+    assert json.loads(out.read_text())["change"] == "hallucinated: Pleural Effusion, Right Pleural Effusion"
+
+
+def test_no_hallucinated_draw_is_an_error_and_writes_nothing(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(onpolicy_pairs, "draw_reports",
+                        lambda model, tok, samples, builder, image, options: [[s.answer] for s in samples])
+    out = tmp_path / "pairs.jsonl"
+    with pytest.raises(ValueError, match="none of the 9 drawn reports asserts a finding"):
+        build_onpolicy_pairs(tiny["model"], tiny["tokenizer"], tiny["samples"], tiny["builder"], IMAGE, out)
+    assert not out.exists()
+    with pytest.raises(ValueError, match="need report samples"):
+        build_onpolicy_pairs(tiny["model"], tiny["tokenizer"], [], tiny["builder"], IMAGE, out)
+    with pytest.raises(ValueError, match="num_samples must be a positive int"):
+        PairOptions(num_samples=0)
+
+
+@pytest.mark.parametrize("argv,message", [(["checkpoint=x"], "out= required"),
+                                          (["out=y.jsonl"], "checkpoint= required"),
+                                          (["checkpoint"], "expected key=value"),
+                                          (["checkpoint=x", "out=y", "num_samples=0"], "num_samples must be")])
+def test_cli_argument_errors(argv, message, capsys):
+    assert onpolicy_pairs.main(argv) == 2
+    assert message in capsys.readouterr().err
