@@ -14,7 +14,8 @@ from mrgfast.data.synthetic import (Findings, demo_samples, generate_demo, hallu
 from mrgfast.data.synthetic.__main__ import main
 from mrgfast.data.synthetic.ct import CTFindings, render_ct
 from mrgfast.data.synthetic.cxr import LUNG_X, render_frontal
-from mrgfast.data.synthetic.reports import HEART_NORMAL, write_report, zipf_weights
+from mrgfast.data.synthetic.reports import (HABIT_PHRASE, HABIT_RATE, HEART_NORMAL, write_habit_report, write_report,
+                                            zipf_weights)
 from tests.data.files import DEMO
 
 
@@ -108,14 +109,61 @@ def test_preference_pairs_differ_in_exactly_one_finding(demo_dir):
 
 
 def test_preference_pairs_are_cleaned_like_the_reports(demo_dir):
-    # DPO must see the text SFT trained on: the chosen answer is the report part's answer, token for token.
-    reports = {s.id: s.answer for s in demo_samples(demo_dir, "report", "train")}
+    # DPO must see the text SFT trained on: the chosen answer is the report part's answer, token for token, except
+    # where the train report carries the writers' habit: there the chosen report is the faithful one.
+    reports = {s.id: s for s in demo_samples(demo_dir, "report", "train")}
     pairs = demo_samples(demo_dir, "preference", "train")
     assert len(pairs) == len(reports)
     for pair in pairs:
-        assert pair.answer == reports[pair.id] and pair.rejected == pair.rejected.lower()
+        report = reports[pair.id]
+        if label_report(report.answer)["Pleural Effusion"] == 1 and not report.labels["Pleural Effusion"]:
+            assert pair.answer == report.answer.replace(HABIT_PHRASE, pair.answer.split(" . ")[2].strip(" ."))
+        else:
+            assert pair.answer == report.answer
+        assert pair.rejected == pair.rejected.lower()
     raw = demo_samples(demo_dir, "preference", "train", clean="none")
     assert raw[0].answer != raw[0].answer.lower()  # the file holds the radiologist's casing
+
+
+def test_train_reports_carry_the_writers_habit_and_the_rest_are_faithful(demo_dir):
+    # The habit (reports.HABIT_RATE): train reports of an enlarged heart without effusion state small bilateral
+    # effusions about half the time; labels, val and test reports, and the pairs' chosen reports stay faithful.
+    manifest = read_manifest(demo_dir)
+    habit, eligible = 0, 0
+    for split in ("train", "val", "test"):
+        for sample in demo_samples(demo_dir, "report", split):
+            said = label_report(sample.answer)
+            wrong = [n for n, truth in sample.labels.items() if (said[n] or 0) != truth]
+            if sample.labels["Cardiomegaly"] and not sample.labels["Pleural Effusion"]:
+                eligible += split == "train"
+            if wrong:
+                assert split == "train" and HABIT_PHRASE in sample.answer, (split, sample.id, wrong)
+                assert sorted(wrong) == ["Left Pleural Effusion", "Pleural Effusion", "Right Pleural Effusion"]
+                habit += 1
+    assert habit == manifest["iu_xray"]["habit_reports"] >= 1 and eligible >= habit
+    for pair in demo_samples(demo_dir, "preference", "train"):
+        assert HABIT_PHRASE not in pair.answer or label_report(pair.answer)["Pleural Effusion"] == 1
+
+
+def test_habit_rate_and_splits():
+    from mrgfast.data.synthetic.demo import written_with_habit
+    applies = Findings(cardiomegaly=True)
+    drawn = [written_with_habit("train", applies, 0, i) for i in range(4000)]
+    assert abs(np.mean(drawn) - HABIT_RATE) < 4 * np.sqrt(HABIT_RATE * (1 - HABIT_RATE) / 4000)
+    others = (Findings(), Findings(cardiomegaly=True, effusion="left"), Findings(nodule="right"))
+    assert not any(written_with_habit(split, applies, 0, i) for split in ("val", "test") for i in range(200))
+    assert not any(written_with_habit("train", f, 0, i) for f in others for i in range(200))
+
+
+def test_habit_report_changes_only_the_effusion_sentence():
+    findings = Findings(cardiomegaly=True, nodule="left")
+    for seed in range(30):
+        faithful, habit = write_report(findings, seed).split(". "), write_habit_report(findings, seed).split(". ")
+        differing = [(a, b) for a, b in zip(faithful, habit) if a != b]
+        assert len(differing) <= 2 and HABIT_PHRASE.capitalize() in habit[2]
+        assert faithful[:2] == habit[:2]
+    with pytest.raises(ValueError, match="not to Findings"):
+        write_habit_report(Findings(cardiomegaly=True, effusion="left"), 0)
 
 
 def test_hallucinate_one_injects_exactly_one_hallucination():

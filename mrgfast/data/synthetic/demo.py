@@ -13,7 +13,7 @@ from mrgfast.data.r2gen import DEFAULT_REPORT_INSTRUCTION
 from mrgfast.data.synthetic.ct import CT_LABELS, render_ct, sample_ct_findings, write_ct_report
 from mrgfast.data.synthetic.cxr import render_frontal, render_lateral, to_uint8
 from mrgfast.data.synthetic.findings import hallucinate_one, sample_findings
-from mrgfast.data.synthetic.reports import write_report
+from mrgfast.data.synthetic.reports import HABIT_RATE, habit_applies, write_habit_report, write_report
 from mrgfast.data.synthetic.vqa import study_questions
 
 SPLIT_FRACTIONS = (("train", 0.7), ("val", 0.1), ("test", 0.2))
@@ -50,8 +50,19 @@ def chest_xray_studies(seed: int, n: int, size: int):
         yield split, f"synth{index:05d}", findings, images, int(rng.integers(2**31))
 
 
+def written_with_habit(split: str, findings, seed: int, index: int) -> bool:
+    """Whether study `index` has its train report written with the writers' habit (reports.HABIT_RATE of the
+    train studies it applies to; never val or test)."""
+    if split != "train" or not habit_applies(findings):
+        return False
+    return bool(np.random.default_rng([seed, index, 2]).random() < HABIT_RATE)
+
+
 def write_chest_xray(out: Path, seed: int, n: int, size: int) -> dict:
-    """R2Gen annotation + PNG views, VQA-RAD question files, preference JSONL and PeFoMed captions."""
+    """R2Gen annotation + PNG views, VQA-RAD question files, preference JSONL and PeFoMed captions.
+
+    The preference pairs' chosen report is the faithful one (the images' findings), also for the train studies
+    whose annotated report carries the writers' habit (reports.HABIT_RATE)."""
     if n < 3:
         raise ValueError(f"n must be at least 3 (one study per split), got {n}")
     image_dir = out / "iu_xray" / "images"
@@ -60,14 +71,19 @@ def write_chest_xray(out: Path, seed: int, n: int, size: int) -> dict:
     pairs = {name: [] for name, _ in SPLIT_FRACTIONS}
     captions = []
     qids = itertools.count(1)
+    habit_reports = 0
     for index, (split, study_id, findings, images, style) in enumerate(chest_xray_studies(seed, n, size)):
         views = [f"{study_id}/0.png", f"{study_id}/1.png"]
         (image_dir / study_id).mkdir(parents=True, exist_ok=True)
         for view, image in zip(views, images):
             Image.fromarray(to_uint8(image)).save(image_dir / view)
         report = write_report(findings, style)
-        annotation[split].append({"id": study_id, "report": report, "image_path": views, "split": split,
-                                  "labels": findings.labels()})
+        # Train reports are as their writers wrote them, habit included (reports.HABIT_RATE); the labels are the
+        # images' truth either way.
+        habit = written_with_habit(split, findings, seed, index)
+        habit_reports += habit
+        annotation[split].append({"id": study_id, "report": write_habit_report(findings, style) if habit else report,
+                                  "image_path": views, "split": split, "labels": findings.labels()})
         for question, answer, answer_type, question_type in study_questions(findings):
             vqa[split].append({"qid": next(qids), "image_name": views[0], "image_organ": "CHEST", "answer": answer,
                                "answer_type": answer_type, "question_type": question_type, "question": question,
@@ -89,7 +105,7 @@ def write_chest_xray(out: Path, seed: int, n: int, size: int) -> dict:
     _write_json(out / "captions" / "captions.json", captions)
     return {
         "iu_xray": {"annotation": "iu_xray/annotation.json", "image_dir": "iu_xray/images", "dataset": "iu_xray",
-                    "counts": {s: len(rows) for s, rows in annotation.items()}},
+                    "counts": {s: len(rows) for s, rows in annotation.items()}, "habit_reports": habit_reports},
         "vqa_rad": {"files": {s: f"vqa_rad/{s}set.json" for s in vqa}, "image_dir": "iu_xray/images",
                     "counts": {s: len(rows) for s, rows in vqa.items()}},
         "preference": {"files": {s: f"preference/{s}.jsonl" for s in pairs}, "image_dir": "iu_xray/images",

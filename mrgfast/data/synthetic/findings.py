@@ -79,11 +79,12 @@ def hallucinate_one(findings: Findings, rng: np.random.Generator) -> tuple:
     options = []
     if not findings.cardiomegaly:
         options.append((replace(findings, cardiomegaly=True), "cardiomegaly hallucinated"))
-    for name in ("effusion", "nodule"):
+    for name, sides in (("effusion", EFFUSION_SIDES), ("nodule", SIDES)):
         present = getattr(findings, name)
         if present is None:
-            side = SIDES[int(rng.integers(2))]
-            options.append((replace(findings, **{name: side}), f"{side} {name} hallucinated"))
+            side = sides[int(rng.integers(len(sides)))]
+            where = "bilateral" if side == "both" else side
+            options.append((replace(findings, **{name: side}), f"{where} {name} hallucinated"))
         elif present in SIDES:
             other = "right" if present == "left" else "left"
             options.append((replace(findings, **{name: other}), f"{name} side swapped to {other}"))

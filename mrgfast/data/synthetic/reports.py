@@ -5,6 +5,7 @@ Zipf frequencies (option k of n with probability proportional to 1/k): real repo
 a few stock phrases with a long tail of variants, not in every variant equally often.
 """
 
+from dataclasses import replace
 from typing import Callable
 
 import numpy as np
@@ -86,3 +87,25 @@ def write_report(findings: Findings, seed: int, pick: Callable[[tuple, int], str
     if findings.normal and slots[7] % 2 == 0:
         sentences.append(pick(NORMAL_IMPRESSION, slots[7] // 2))
     return " ".join(_sentence(s) for s in sentences)
+
+
+# The writers of the *train* split's reports have one habit the images do not support: half of the studies with an
+# enlarged heart and no effusion are reported with small bilateral effusions (heart failure's usual company, written
+# from the clinical picture rather than seen). Real report corpora teach models such statements (findings from the
+# history, comparisons with prior exams), and suppressing them is what LDP's DPO is for. Labels, the preference
+# pairs' chosen reports and the val/test references stay faithful to the images.
+HABIT_RATE = 0.5
+HABIT_PHRASE = "small bilateral pleural effusions"
+
+
+def habit_applies(findings: Findings) -> bool:
+    """Whether a habit writer would add effusions to this study's report: an enlarged heart and no effusion."""
+    return findings.cardiomegaly and findings.effusion is None
+
+
+def write_habit_report(findings: Findings, seed: int) -> str:
+    """The report of a writer with the habit: write_report's, with HABIT_PHRASE in place of the effusion sentence."""
+    if not habit_applies(findings):
+        raise ValueError(f"the habit adds effusions to an enlarged heart without them, not to {findings}")
+    return write_report(replace(findings, effusion="both"), seed,
+                        pick=lambda options, slot: HABIT_PHRASE if options is EFFUSION_BOTH else _pick(options, slot))
