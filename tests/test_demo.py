@@ -164,7 +164,7 @@ def test_selection_scores_on_val_and_picks_by_its_rules(demo):
     """mrgfast.demo.select evaluates every candidate on the val split and its picks are what the stated rules give
     on the metrics it wrote (checked here by recomputing the rules by hand)."""
     from mrgfast.data.synthetic import demo_samples
-    from mrgfast.demo.select import BLEU_SLACK, F1_SLACK, Grid, run_selection
+    from mrgfast.demo.select import BLEU_SLACK, F1_SLACK, Grid, dpo_run_name, run_selection
     out = demo["root"] / "select"
     options = dataclasses.replace(demo["options"], output_dir=str(out))
     grid = Grid.fast()
@@ -173,7 +173,8 @@ def test_selection_scores_on_val_and_picks_by_its_rules(demo):
     assert written["split"] == "val"
     base = prepare_base_models(options.cache_dir, options.seed, FAST_SETTINGS, log=lambda _: None)
     val_ids = [s.id for s in demo_samples(base.data_dir, "report", "val")][:4]  # fast mode scores 4 samples
-    dpo_names = [f"dpo-sft{written['picked']['sft_steps']}-{s}steps-lr{lr:g}-beta{b:g}" for s, lr, b in grid.dpo]
+    dpo_names = [dpo_run_name(written["picked"]["sft_steps"], *candidate) for candidate in grid.dpo]
+    assert dpo_names[1].endswith("-rpo1") and not dpo_names[0].endswith("-rpo0")
     for name in [f"sft-{s}-beam{b}" for s in grid.sft_steps for b in grid.beams] + dpo_names:
         rows = [json.loads(line) for line in (out / f"{name}.generations.jsonl").read_text().splitlines()]
         assert [r["id"] for r in rows] == val_ids, name
@@ -187,7 +188,7 @@ def test_selection_scores_on_val_and_picks_by_its_rules(demo):
     expected = min(eligible, key=lambda c: (c["metrics"]["hallucination"]["rate"], -c["metrics"]["clinical"]["macro_f1"],
                                             -c["metrics"]["report"]["BLEU_4"])) if eligible else None
     assert written["picked"]["dpo"] == (None if expected is None else
-                                        {k: expected[k] for k in ("dpo_steps", "dpo_lr", "dpo_beta")})
+                                        {k: expected[k] for k in ("dpo_steps", "dpo_lr", "dpo_beta", "rpo_alpha")})
     # A second sweep into the same directory reuses the finished runs (resume=auto) and picks the same.
     manifests = sorted(out.glob("*/step-*/manifest.json"))
     stamps = [m.stat().st_mtime_ns for m in manifests]

@@ -39,6 +39,7 @@ class DemoOptions:
     dpo_steps: int = 120
     dpo_lr: float = 1e-4
     dpo_beta: float = 0.5
+    rpo_alpha: float = 0.0           # > 0: DPO plus this weight times the chosen reports' NLL (RPO; TRL's "sft" loss)
     eval_limit: Optional[int] = None  # evaluate the first N test samples (None: all)
     max_new_tokens: int = 60
     num_beams: int = 1
@@ -102,6 +103,8 @@ def stage_config(base: BaseModels, options: DemoOptions, mode: str, output_dir: 
         # sft_reference_logps and read from this file, rather than the base model with the adapters off.
         overrides += [f"dpo.beta={options.dpo_beta}", f"model.init_from={init_from}", "dpo.reference=precomputed",
                       f"dpo.reference_logps_path={output_dir / 'reference_logps.safetensors'}"]
+        if options.rpo_alpha > 0:
+            overrides += ["dpo.loss_type=[sigmoid,sft]", f"dpo.loss_weights=[1.0,{options.rpo_alpha}]"]
     warmup = max(0, min(steps // 10, 20))
     overrides += [f"schedule.max_steps={steps}", f"schedule.warmup_steps={warmup}", f"optim.lr={lr}",
                   f"checkpoint.every_steps={steps}", f"telemetry.log_every={max(1, steps // 10)}"]

@@ -23,16 +23,25 @@ SPLIT = "val"
 # Widened from (600, 1000, 1600) when the val pick sat at the grid's longest run (see README).
 SFT_STEPS = (600, 1000, 1600, 2400, 3200)
 BEAMS = (1, 3)
-# (steps, lr, beta): around the gentle end, since DPO starts next to its reference (pi_ref = pi_SFT); the last three
-# are stronger, added when the gentle ones left the val hallucination rate where SFT had it (README).
-DPO_CANDIDATES = ((120, 1e-4, 2.0), (120, 5e-5, 2.0), (120, 1e-4, 0.5), (60, 3e-4, 2.0), (300, 1e-4, 2.0),
-                  (300, 3e-4, 0.5), (600, 1e-4, 0.5))
+# (steps, lr, beta, rpo_alpha): around the gentle end, since DPO starts next to its reference (pi_ref = pi_SFT); then
+# stronger ones, added when the gentle ones left the val hallucination rate where SFT had it; then the same with
+# RPO's chosen-NLL term (rpo_alpha 1), added when plain DPO was seen to stop asserting true findings (README).
+DPO_CANDIDATES = ((120, 1e-4, 2.0, 0.0), (120, 5e-5, 2.0, 0.0), (120, 1e-4, 0.5, 0.0), (60, 3e-4, 2.0, 0.0),
+                  (300, 1e-4, 2.0, 0.0), (300, 3e-4, 0.5, 0.0), (600, 1e-4, 0.5, 0.0),
+                  (120, 1e-4, 0.5, 1.0), (300, 1e-4, 0.5, 1.0), (300, 3e-4, 0.5, 1.0), (600, 3e-4, 0.5, 1.0))
+DPO_KEYS = ("dpo_steps", "dpo_lr", "dpo_beta", "rpo_alpha")
 SFT_RULE = "highest val BLEU_4 + clinical macro_f1 over (sft_steps, num_beams)"
 # DPO exists here to cut hallucinated findings, but not by giving up the report: a candidate qualifies only if
 # it keeps macro-F1 within 0.02 and BLEU-4 within 0.01 of its SFT start.
 DPO_RULE = ("lowest val hallucination rate among candidates within 0.02 macro_f1 and 0.01 BLEU_4 of the SFT pick; "
             "ties: higher macro_f1, then higher BLEU_4")
 F1_SLACK, BLEU_SLACK = 0.02, 0.01
+
+
+def dpo_run_name(sft_steps: int, steps: int, lr: float, beta: float, rpo_alpha: float) -> str:
+    """The directory (and generations file) name of one DPO candidate: all its settings, since a sweep into the same
+    directory reuses a finished run of that name."""
+    return f"dpo-sft{sft_steps}-{steps}steps-lr{lr:g}-beta{beta:g}" + (f"-rpo{rpo_alpha:g}" if rpo_alpha else "")
 
 
 def sft_score(metrics: dict) -> float:
@@ -67,7 +76,7 @@ class Grid:
     @classmethod
     def fast(cls) -> "Grid":
         """A seconds-long grid for tests (same code path, tiny budgets)."""
-        return cls(sft_steps=(2, 3), beams=(1, 2), dpo=((2, 1e-4, 2.0), (1, 3e-4, 0.5)))
+        return cls(sft_steps=(2, 3), beams=(1, 2), dpo=((2, 1e-4, 2.0, 0.0), (1, 3e-4, 0.5, 1.0)))
 
 
 def run_selection(options: DemoOptions, grid: Optional[Grid] = None,
@@ -97,23 +106,23 @@ def run_selection(options: DemoOptions, grid: Optional[Grid] = None,
 
     dpo_runs = []
     chosen = dataclasses.replace(options, sft_steps=sft["sft_steps"], num_beams=sft["num_beams"])
-    for steps, lr, beta in grid.dpo:
-        candidate = dataclasses.replace(chosen, dpo_steps=steps, dpo_lr=lr, dpo_beta=beta)
-        name = f"dpo-sft{sft['sft_steps']}-{steps}steps-lr{lr:g}-beta{beta:g}"  # a reused run must match all of it
+    for steps, lr, beta, alpha in grid.dpo:
+        candidate = dataclasses.replace(chosen, dpo_steps=steps, dpo_lr=lr, dpo_beta=beta, rpo_alpha=alpha)
+        name = dpo_run_name(sft["sft_steps"], steps, lr, beta, alpha)
         config = stage_config(base, candidate, "dpo", out / name, init_from=sft["checkpoint"], resume="auto")
         sft_reference_logps(config)
         checkpoint = train(config).checkpoint
         metrics = evaluate_stage(config, candidate, checkpoint, name, out, SPLIT)
-        dpo_runs.append({"dpo_steps": steps, "dpo_lr": lr, "dpo_beta": beta, "checkpoint": str(checkpoint),
-                         "metrics": metrics})
-        print(f"[select] DPO {steps} steps lr {lr:g} beta {beta:g}: hallucination "
+        dpo_runs.append({"dpo_steps": steps, "dpo_lr": lr, "dpo_beta": beta, "rpo_alpha": alpha,
+                         "checkpoint": str(checkpoint), "metrics": metrics})
+        print(f"[select] DPO {steps} steps lr {lr:g} beta {beta:g} rpo_alpha {alpha:g}: hallucination "
               f"{metrics['hallucination']['rate']:.4f}, macro_f1 {metrics['clinical']['macro_f1']:.4f}, "
               f"BLEU_4 {metrics['report']['BLEU_4']:.4f}")
     dpo = pick_dpo(sft["metrics"], dpo_runs)
 
     summary = {"split": SPLIT, "rules": {"sft": SFT_RULE, "dpo": DPO_RULE}, "sft": sft_runs, "dpo": dpo_runs,
                "picked": {"sft_steps": sft["sft_steps"], "num_beams": sft["num_beams"],
-                          "dpo": None if dpo is None else {k: dpo[k] for k in ("dpo_steps", "dpo_lr", "dpo_beta")}},
+                          "dpo": None if dpo is None else {k: dpo[k] for k in DPO_KEYS}},
                "seconds": time.perf_counter() - start}
     write_eval_json(out / "selection.json", summary)
     print(f"[select] picked {summary['picked']} on the {SPLIT} split; wrote {out / 'selection.json'}")
