@@ -10,14 +10,11 @@ import torch
 from mrgfast import evaluate
 from mrgfast.data import PromptBuilder, build_demo_tokenizer, clean_report_iu_xray, label_report
 from mrgfast.data.dataset import MedicalDataset
-from mrgfast.data.images import ImageConfig
 from mrgfast.data.packing import PlacedSpan
 from mrgfast.data.synthetic import demo_samples, generate_demo
-from mrgfast.layers.token_group_projector import TokenGroupProjector
 from mrgfast.metrics import clinical_metrics, report_metrics, vqa_accuracy
-from mrgfast.models import Decoder, DecoderConfig, ViT
-from mrgfast.models.multimodal import MultimodalLM
 from mrgfast.training.config import load_config
+from tests.tiny_multimodal import IMAGE, tiny_multimodal_lm
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 REPORT_KEYS = {"BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "ROUGE_L", "CIDEr"}
@@ -25,7 +22,6 @@ CLINICAL_KEYS = {"micro_precision", "micro_recall", "micro_f1", "macro_precision
                  "n_reports", "n_findings", "per_finding", "findings"}
 HALLUCINATION_KEYS = {"rate", "mean_per_report", "reports_with_hallucination", "hallucinated", "asserted"}
 VQA_KEYS = {"overall", "closed", "open", "n_overall", "n_closed", "n_open"}
-IMAGE = ImageConfig(size=16, mean=(0.5,), std=(0.25,), channels=1)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -40,11 +36,7 @@ def tiny(tmp_path_factory):
     questions = list(demo_samples(root / "data", "vqa", "test"))[:3]
     texts = [s.answer for s in demo_samples(root / "data", "report", "train")] + [s.prompt for s in questions]
     tokenizer = build_demo_tokenizer(texts + [s.answer for s in questions], root / "tok", vocab_size=300)
-    torch.manual_seed(0)
-    decoder = Decoder(DecoderConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=48,
-                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
-    vit = ViT(16, 4, in_channels=1, dim=16, depth=1, heads=2).requires_grad_(False)
-    model = MultimodalLM(decoder, vision=vit, adapters={"image": TokenGroupProjector(16, 32, 4)}).eval()
+    model = tiny_multimodal_lm(tokenizer.vocab_size)
     builder = PromptBuilder(tokenizer, "pefomed", **model.builder_kwargs("pefomed", views=2))
     vqa_builder = PromptBuilder(tokenizer, "pefomed", **model.builder_kwargs("pefomed", views=1))
     return dict(root=root, model=model, tokenizer=tokenizer, builder=builder, samples=reports, vqa=questions,

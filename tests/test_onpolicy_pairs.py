@@ -5,20 +5,15 @@ import json
 import os
 
 import pytest
-import torch
 
 from mrgfast import onpolicy_pairs
-from mrgfast.data import PromptBuilder, build_demo_tokenizer, clean_report_iu_xray, label_report
-from mrgfast.data.images import ImageConfig
+from mrgfast.data import PromptBuilder, build_demo_tokenizer, clean_report_iu_xray
 from mrgfast.data.preference import read_preference_jsonl
 from mrgfast.data.samples import Sample
 from mrgfast.data.synthetic import demo_samples, generate_demo
-from mrgfast.layers.token_group_projector import TokenGroupProjector
-from mrgfast.models import Decoder, DecoderConfig, ViT
-from mrgfast.models.multimodal import MultimodalLM
 from mrgfast.onpolicy_pairs import PairOptions, build_onpolicy_pairs, choose_pairs, hallucinated
+from tests.tiny_multimodal import IMAGE, tiny_multimodal_lm
 
-IMAGE = ImageConfig(size=16, mean=(0.5,), std=(0.25,), channels=1)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,11 +25,7 @@ def tiny(tmp_path_factory):
     generate_demo(root / "data", seed=2, n=12, size=32, n_volumes=0)
     samples = list(demo_samples(root / "data", "report", "train"))
     tokenizer = build_demo_tokenizer([s.answer for s in samples], root / "tok", vocab_size=300)
-    torch.manual_seed(0)
-    decoder = Decoder(DecoderConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=48,
-                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
-    vit = ViT(16, 4, in_channels=1, dim=16, depth=1, heads=2).requires_grad_(False)
-    model = MultimodalLM(decoder, vision=vit, adapters={"image": TokenGroupProjector(16, 32, 4)}).eval()
+    model = tiny_multimodal_lm(tokenizer.vocab_size)
     builder = PromptBuilder(tokenizer, "pefomed", **model.builder_kwargs("pefomed", views=2))
     return dict(root=root, model=model, tokenizer=tokenizer, builder=builder, samples=samples)
 

@@ -304,6 +304,15 @@ def ours_from_padded(per_token_logps, completion_mask, ref_chosen, ref_rejected,
                     rejected_lengths=lengths[num_pairs:], **kwargs)
 
 
+def trl_inputs(seed: int):
+    """(completion mask, ref_chosen, ref_rejected, per-token log-probs for TRL, the same for us) of one padded
+    batch: the log-probs as two separate leaves, so each side gets its own gradient."""
+    logps, mask = padded_batch(seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    ref_chosen, ref_rejected = (-torch.rand(logps.shape[0] // 2, generator=gen) * 30 for _ in range(2))
+    return mask, ref_chosen, ref_rejected, logps.clone().requires_grad_(True), logps.clone().requires_grad_(True)
+
+
 # TRL 1.16's "sigmoid" ignores label_smoothing (its config documents smoothing for robust/EXO only); the
 # smoothed sigmoid (conservative DPO) is compared with TRL's "aot" below instead.
 TRL_CASES = [("sigmoid", 0.0), ("hinge", 0.0), ("ipo", 0.0), ("robust", 0.0), ("robust", 0.2)]
@@ -312,12 +321,7 @@ TRL_CASES = [("sigmoid", 0.0), ("hinge", 0.0), ("ipo", 0.0), ("robust", 0.0), ("
 @pytest.mark.parametrize("beta", [0.1, 0.5])
 @pytest.mark.parametrize("loss_type, smoothing", TRL_CASES)
 def test_matches_trl_loss_gradients_and_metrics(loss_type, smoothing, beta):
-    logps, mask = padded_batch(seed=10)
-    num_pairs = logps.shape[0] // 2
-    gen = torch.Generator().manual_seed(11)
-    ref_chosen, ref_rejected = (-torch.rand(num_pairs, generator=gen) * 30 for _ in range(2))
-    trl_logps = logps.clone().requires_grad_(True)
-    our_logps = logps.clone().requires_grad_(True)
+    mask, ref_chosen, ref_rejected, trl_logps, our_logps = trl_inputs(seed=10)
 
     trl_loss, trl_metrics = trl_dpo(trl_logps, mask, ref_chosen, ref_rejected, beta, loss_type, smoothing)
     loss, metrics = ours_from_padded(our_logps, mask, ref_chosen, ref_rejected, beta=beta, loss_type=loss_type,
@@ -336,12 +340,7 @@ def test_matches_trl_loss_gradients_and_metrics(loss_type, smoothing, beta):
                                                   (["sigmoid", "hinge"], [0.3, 2.0])])
 def test_combined_losses_match_trl(loss_types, weights):
     # TRL 1.x sums the loss types with loss_weights; its "sft" is the mean NLL of every chosen token (RPO).
-    logps, mask = padded_batch(seed=14)
-    num_pairs = logps.shape[0] // 2
-    gen = torch.Generator().manual_seed(15)
-    ref_chosen, ref_rejected = (-torch.rand(num_pairs, generator=gen) * 30 for _ in range(2))
-    trl_logps = logps.clone().requires_grad_(True)
-    our_logps = logps.clone().requires_grad_(True)
+    mask, ref_chosen, ref_rejected, trl_logps, our_logps = trl_inputs(seed=14)
     trl_loss, _ = trl_dpo(trl_logps, mask, ref_chosen, ref_rejected, 0.2, loss_types, 0.0,
                           loss_weights=weights)
     loss, _ = ours_from_padded(our_logps, mask, ref_chosen, ref_rejected, beta=0.2, loss_type=loss_types,
@@ -359,12 +358,8 @@ def test_combined_losses_match_trl(loss_types, weights):
 def test_smoothed_sigmoid_matches_trl_conservative_dpo(smoothing):
     # TRL's "aot" applies the conservative-DPO formula -(1-e) logsig(b d) - e logsig(-b d) to sorted log-ratios;
     # with one pair per call the sort is the identity, so averaging per-pair calls is smoothed sigmoid DPO.
-    logps, mask = padded_batch(seed=12)
-    num_pairs = logps.shape[0] // 2
-    gen = torch.Generator().manual_seed(13)
-    ref_chosen, ref_rejected = (-torch.rand(num_pairs, generator=gen) * 30 for _ in range(2))
-    trl_logps = logps.clone().requires_grad_(True)
-    our_logps = logps.clone().requires_grad_(True)
+    mask, ref_chosen, ref_rejected, trl_logps, our_logps = trl_inputs(seed=12)
+    num_pairs = ref_chosen.shape[0]
     per_pair = [trl_dpo(trl_logps[[i, num_pairs + i]], mask[[i, num_pairs + i]], ref_chosen[i:i + 1],
                         ref_rejected[i:i + 1], 0.3, "aot", smoothing)[0] for i in range(num_pairs)]
     trl_loss = torch.stack(per_pair).mean()

@@ -1,0 +1,20 @@
+"""A tiny untrained MultimodalLM (ViT -> grouping projector -> decoder) over 16x16 grayscale images, for tests that
+generate from a real model path in milliseconds."""
+
+import torch
+
+from mrgfast.data.images import ImageConfig
+from mrgfast.layers.token_group_projector import TokenGroupProjector
+from mrgfast.models import Decoder, DecoderConfig, ViT
+from mrgfast.models.multimodal import MultimodalLM
+
+IMAGE = ImageConfig(size=16, mean=(0.5,), std=(0.25,), channels=1)
+
+
+def tiny_multimodal_lm(vocab_size: int, seed: int = 0) -> MultimodalLM:
+    """The model in eval mode, its weights drawn from `seed`."""
+    torch.manual_seed(seed)
+    decoder = Decoder(DecoderConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=48,
+                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    vit = ViT(16, 4, in_channels=1, dim=16, depth=1, heads=2).requires_grad_(False)
+    return MultimodalLM(decoder, vision=vit, adapters={"image": TokenGroupProjector(16, 32, 4)}).eval()
