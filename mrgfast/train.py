@@ -26,6 +26,7 @@ from mrgfast.training.distributed import (all_reduce_sum, any_rank, barrier, gat
 from mrgfast.training.fsdp import (adapter_tensors, gather_full_state, read_adapter_by_name, scatter_full_state,
                                    shard_model)
 from mrgfast.training.guards import GracefulStop, NonFiniteGuard, NonFiniteLossError
+from mrgfast.training.periodic_eval import PeriodicEval, eval_due
 from mrgfast.training.rng import capture_rng_state, restore_rng_state, seed_everything
 from mrgfast.training.steps import (MicroBatch, StepSettings, batch_reference_logps, load_reference_logps,
                                     pair_count, precompute_reference_logps, prepare, save_reference_logps,
@@ -36,7 +37,8 @@ from mrgfast.training.throughput import training_flops_per_token
 
 @dataclass
 class TrainResult:
-    """What a run leaves: where, its last checkpoint, the last logged metrics, every logged record, the model."""
+    """What a run leaves: where, its last checkpoint, the last logged metrics, every logged record, the model, and
+    the headline metrics of each evaluation during training (main process)."""
 
     output_dir: Path
     checkpoint: Optional[Path]
@@ -45,6 +47,7 @@ class TrainResult:
     step: int
     stopped_early: bool = False
     history: list = field(default_factory=list)
+    evaluations: list = field(default_factory=list)
 
 
 def train(config: TrainConfig, on_step: Optional[Callable[[int, dict], None]] = None) -> TrainResult:
@@ -95,6 +98,10 @@ def run(config: TrainConfig, ctx, on_step) -> TrainResult:
                           tensorboard=config.telemetry.tensorboard, progress_bar=config.telemetry.progress_bar,
                           gpu_sample_interval_s=config.telemetry.gpu_sample_interval_s)
     guard = NonFiniteGuard(device)
+    # Only the main process evaluates (the others wait at the barrier after it); its samples are read now, so a
+    # bad eval.split fails before the first step.
+    evaluator = PeriodicEval(config, out_dir, step if ckpt else None) if config.eval.enabled and ctx.is_main else None
+    evaluations = []
     static_shapes = config.cuda_graphs and device.type == "cuda"  # a captured graph replays fixed shapes
     digest_images = core.feature_cache is not None  # cache keys hashed on the host, outside the step
     packed = pieces.packed
@@ -104,6 +111,15 @@ def run(config: TrainConfig, ctx, on_step) -> TrainResult:
                         device, enabled=config.cuda_graphs)
     history, metrics, last_ckpt, stopped = [], {}, resume, False
     saved_at = step if ckpt else None
+
+    def evaluate(at: int) -> None:
+        """Evaluate the model as it is after step `at` (main process); every rank waits for it."""
+        if evaluator is not None:
+            record = evaluator.run(core, pieces.tokenizer, pieces.builder, pieces.dataset.image_config, at)
+            telemetry.throughput.exclude(record["seconds"])
+            evaluations.append({"step": at, **record})
+            print(f"[eval] step {at}: " + ", ".join(f"{k} {v:.4g}" for k, v in record.items()), file=sys.stderr)
+        barrier(ctx)
 
     def checkpoint(at: int) -> Path:
         """Save (rank 0) after checking that no loss since the last check was NaN/inf."""
@@ -148,6 +164,8 @@ def run(config: TrainConfig, ctx, on_step) -> TrainResult:
                     guard.check()
                     metrics = log_metrics(ctx, telemetry, step, outputs, lr, runner, cache_stats(core))
                     history.append(metrics)
+                if eval_due(config, step):
+                    evaluate(step)
                 if step % config.checkpoint.every_steps == 0:
                     last_ckpt, saved_at = checkpoint(step), step
                 if any_rank(ctx, stop.requested):
@@ -159,7 +177,9 @@ def run(config: TrainConfig, ctx, on_step) -> TrainResult:
                 last_ckpt = checkpoint(step)
     finally:
         telemetry.close()
-    return TrainResult(out_dir, last_ckpt, metrics, core, step, stopped, history)
+        if evaluator is not None:
+            evaluator.close()
+    return TrainResult(out_dir, last_ckpt, metrics, core, step, stopped, history, evaluations)
 
 
 def len_of(params) -> int:

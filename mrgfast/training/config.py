@@ -228,6 +228,31 @@ class CheckpointSection:
 
 
 @dataclass
+class EvalSection:
+    """Evaluation during training (mrgfast.evaluate on the model being trained, main process only)."""
+
+    every_steps: int = 0                        # 0: never during training
+    at_end: bool = False                        # also after the last step
+    split: str = "val"                          # of data.path's report / VQA data (the synthetic twin: its report part)
+    limit: Optional[int] = None                 # the first N samples of the split (None: all)
+    num_beams: int = 1
+    max_new_tokens: int = 100
+    batch_size: int = 16
+    meteor: bool = False                        # METEOR starts a Java process per evaluation: opt in
+
+    def __post_init__(self):
+        require(self.every_steps >= 0, f"every_steps must be >= 0 (0: off), got {self.every_steps}")
+        require(self.limit is None or self.limit >= 1, f"limit must be >= 1 or null, got {self.limit}")
+        for name in ("num_beams", "max_new_tokens", "batch_size"):
+            require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the run evaluates at all."""
+        return self.every_steps > 0 or self.at_end
+
+
+@dataclass
 class TelemetrySection:
     """Logging: JSONL metrics, TensorBoard (when installed), progress bar, GPU sampling."""
 
@@ -284,6 +309,7 @@ class TrainConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     telemetry: TelemetrySection = field(default_factory=TelemetrySection)
     distributed: DistributedSection = field(default_factory=DistributedSection)
+    eval: EvalSection = field(default_factory=EvalSection)
 
     def __post_init__(self):
         require(bool(self.output_dir), "output_dir must not be empty")
@@ -301,6 +327,14 @@ class TrainConfig:
         require(self.data.clean is None or vqa_source is None,
                 f"data.clean is for report text; {vqa_source} answers are normalised at evaluation, "
                 f"got clean={self.data.clean!r}")
+
+        # Evaluation runs the model on the main process alone: FSDP2 shards need every rank in each forward.
+        require(not (self.eval.enabled and self.distributed.strategy == "fsdp"),
+                "eval.every_steps / eval.at_end cannot run with distributed.strategy=fsdp (a forward on one rank "
+                "would wait for the others' shards): evaluate the checkpoints with python -m mrgfast.evaluate")
+        require(not (self.eval.enabled and self.data.dataset == "preference"),
+                "eval.every_steps / eval.at_end need report or VQA samples, and data.dataset=preference has only "
+                "pairs: evaluate the checkpoints with python -m mrgfast.evaluate data.dataset=... instead")
 
     def synthetic_part(self) -> str:
         """Which part of the synthetic twin this run reads (with data.dataset=synthetic)."""

@@ -89,6 +89,10 @@ class Throughput:
         """Count tokens processed by this process."""
         self.tokens += tokens
 
+    def exclude(self, seconds: float) -> None:
+        """Leave `seconds` of the current interval out of the rate (time spent on something else, e.g. evaluation)."""
+        self.start += seconds
+
     def report(self) -> dict[str, float]:
         """tokens_per_s, tflops and (with a known peak) mfu since the last report; resets the interval."""
         now = time.perf_counter()

@@ -1,0 +1,82 @@
+"""Evaluation during training: when it runs, what it writes, that it leaves training bit-identical, resumes without
+duplicate lines, and refuses the setups it cannot serve."""
+
+import json
+
+import pytest
+
+from mrgfast.train import train
+from mrgfast.training.config import ConfigError, load_config, parse_cli
+from mrgfast.training.periodic_eval import EVAL_LOG
+from tests.training.test_train_loop import DEMO, logged, tiny_overrides
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+EVAL = ["eval.split=train", "eval.limit=3", "eval.max_new_tokens=5", "eval.batch_size=2"]  # val has one study here
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One synthetic twin (and its demo tokenizer) for the whole module."""
+    return tmp_path_factory.mktemp("synthetic-cache")
+
+
+def tiny(cache, out, *extra):
+    """The tiny demo config writing to `out`, with more overrides."""
+    return load_config(DEMO, tiny_overrides(cache) + [f"output_dir={out}", "schedule.max_steps=4",
+                                                      "checkpoint.every_steps=2", *extra])
+
+
+def eval_lines(out) -> list:
+    """The eval.jsonl records of a run."""
+    return [json.loads(line) for line in (out / EVAL_LOG).read_text().splitlines()]
+
+
+def test_every_steps_evaluates_and_training_is_unchanged(cache, tmp_path):
+    plain = train(tiny(cache, tmp_path / "plain"))
+    result = train(tiny(cache, tmp_path / "eval", "eval.every_steps=2", *EVAL))
+    out = tmp_path / "eval"
+    lines = eval_lines(out)
+    assert [line["step"] for line in lines] == [2, 4] == [e["step"] for e in result.evaluations]
+    for line in lines:
+        assert {"report/BLEU_4", "clinical/macro_f1", "hallucination/rate", "seconds"} <= set(line)
+        assert 0.0 <= line["report/BLEU_4"] <= 1.0 and line["seconds"] > 0
+        full = json.loads((out / f"eval-step-{line['step']:06d}.json").read_text())
+        assert full["n_samples"] == 3 and full["report"]["BLEU_4"] == line["report/BLEU_4"]
+        rows = (out / f"eval-step-{line['step']:06d}.generations.jsonl").read_text().splitlines()
+        assert len(rows) == 3
+    # Evaluation puts the RNG back and trains nothing: the losses are those of the run without it.
+    assert [r["loss"] for r in logged(out)] == [r["loss"] for r in logged(tmp_path / "plain")]
+    assert plain.evaluations == [] and not (tmp_path / "plain" / EVAL_LOG).exists()
+
+
+def test_at_end_evaluates_once_and_dpo_is_scored_on_reports(cache, tmp_path):
+    result = train(tiny(cache, tmp_path, "mode=dpo", "lora.enabled=true", "eval.at_end=true", *EVAL))
+    assert [e["step"] for e in result.evaluations] == [4] == [line["step"] for line in eval_lines(tmp_path)]
+    rows = [json.loads(line) for line in (tmp_path / "eval-step-000004.generations.jsonl").read_text().splitlines()]
+    assert all(row["task"] == "report" and row["reference"] for row in rows)
+
+
+def test_resume_redoes_the_evaluations_after_its_checkpoint(cache, tmp_path):
+    train(tiny(cache, tmp_path, "eval.every_steps=1", *EVAL))
+    train(tiny(cache, tmp_path, "eval.every_steps=1", f"resume={tmp_path / 'step-000002'}", *EVAL))
+    assert [line["step"] for line in eval_lines(tmp_path)] == [1, 2, 3, 4]
+
+
+def test_a_missing_split_fails_before_training(cache, tmp_path):
+    with pytest.raises(ConfigError, match="eval.split='dev': split must be one of"):
+        train(tiny(cache, tmp_path, "eval.every_steps=2", "eval.split=dev"))
+    assert not list(tmp_path.glob("step-*"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval.every_steps=5", "distributed.strategy=fsdp"], "cannot run with distributed.strategy=fsdp"),
+    (["eval.at_end=true", "mode=dpo", "data.dataset=preference", "data.path=p.jsonl"],
+     "data.dataset=preference has only pairs"),
+    (["eval.every_steps=-1"], r"config section 'eval': every_steps must be >= 0"),
+    (["eval.limit=0"], r"config section 'eval': limit must be >= 1"),
+    (["eval.num_beams=0"], r"config section 'eval': num_beams must be >= 1"),
+])
+def test_bad_eval_settings_name_the_key(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_cli(argv)
