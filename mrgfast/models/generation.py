@@ -86,7 +86,7 @@ def generate(decoder: Decoder, input_ids: Union[Tensor, Sequence[Sequence[int]],
     0.. over each prompt's real tokens; generated tokens continue from the prompt's largest position + 1.
     Beam search scores as transformers does (length_penalty, early_stopping True/False). do_sample draws each
     token from softmax(logits / temperature) after transformers' top_k and top_p filters (0 and 1.0: off), using
-    `generator` (None: torch's global one); it draws one sequence per prompt, so it needs num_beams=1.
+    `generator` (None: torch's global CPU one); it draws one sequence per prompt, so it needs num_beams=1.
     Dropout (LoRA's too) follows the decoder's mode: call decoder.eval() first.
     """
     check_generate_args(max_new_tokens, num_beams)
@@ -104,7 +104,9 @@ def generate(decoder: Decoder, input_ids: Union[Tensor, Sequence[Sequence[int]],
     if do_sample:
         def draw(step_logits: Tensor) -> Tensor:
             probs = torch.softmax(filter_logits(step_logits, temperature, top_k, top_p), -1)
-            return torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0]
+            # Drawn where the generator lives (the CPU by default), so a seed gives the same tokens on any device.
+            where = generator.device if generator is not None else torch.device("cpu")
+            return torch.multinomial(probs.to(where), 1, generator=generator)[:, 0].cpu()
         return decode_one_each(decoder, cache, logits, next_pos, eos, max_new_tokens, draw)
     if num_beams == 1:
         return decode_one_each(decoder, cache, logits, next_pos, eos, max_new_tokens, lambda x: x.argmax(-1).cpu())
