@@ -80,3 +80,19 @@ def test_a_missing_split_fails_before_training(cache, tmp_path):
 def test_bad_eval_settings_name_the_key(argv, message):
     with pytest.raises(ConfigError, match=message):
         parse_cli(argv)
+
+
+def test_two_ddp_processes_evaluate_on_rank_0_only(cache, tmp_path):
+    # Rank 1 waits at the barrier while rank 0 evaluates: both finish, and each evaluation is written once.
+    import torch.multiprocessing as mp
+
+    from mrgfast.training.config import config_to_dict
+    from tests.training import dist_worker
+    from tests.training.test_distributed import free_port
+    train(tiny(cache, tmp_path / "warm"))  # writes the synthetic twin before the spawned processes read it
+    config = config_to_dict(tiny(cache, tmp_path / "ddp", "device=cpu", "distributed.timeout_s=120",
+                                 "eval.every_steps=2", *EVAL))
+    mp.spawn(dist_worker.train_runs, args=(2, [free_port()], [(config, None)], str(tmp_path)), nprocs=2, join=True)
+    reports = [json.loads((tmp_path / f"train-rank{r}.json").read_text()) for r in range(2)]
+    assert [report[0]["step"] for report in reports] == [4, 4]
+    assert [line["step"] for line in eval_lines(tmp_path / "ddp")] == [2, 4]
