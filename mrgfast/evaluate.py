@@ -11,7 +11,7 @@ import copy
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -19,6 +19,7 @@ from mrgfast.data.dataset import MedicalDataset
 from mrgfast.data.images import ImageConfig
 from mrgfast.data.labeler import OBSERVATIONS, label_report
 from mrgfast.data.text import clean_report_iu_xray
+from mrgfast.data.volumes import VolumeConfig
 from mrgfast.metrics import (clinical_metrics, format_table, hallucination_rate, java_available, report_metrics,
                              vqa_accuracy, write_eval_json, write_generations)
 
@@ -37,9 +38,16 @@ SUMMARY_METRICS = ("report/BLEU_1", "report/BLEU_4", "report/METEOR", "report/RO
                    "vqa/open", "generation/seconds")
 
 
-def generate_texts(model, tokenizer, samples: Sequence, builder, image_config: Optional[ImageConfig] = None,
-                   batch_size: int = 16, num_beams: int = 1, max_new_tokens: int = 100, **generate_kwargs) -> list:
-    """The decoded generation of each sample (its prompt only; the answer is never shown), in sample order;
+def media_kwargs(media: Union[ImageConfig, VolumeConfig, None]) -> dict:
+    """MedicalDataset's keyword for a media config: volume_config for a VolumeConfig, else image_config."""
+    return {"volume_config": media} if isinstance(media, VolumeConfig) else {"image_config": media}
+
+
+def generate_texts(model, tokenizer, samples: Sequence, builder,
+                   image_config: Union[ImageConfig, VolumeConfig, None] = None, batch_size: int = 16,
+                   num_beams: int = 1, max_new_tokens: int = 100, **generate_kwargs) -> list:
+    """The decoded generation of each sample (its prompt only; the answer is never shown), in sample order.
+    `image_config` says how the media are loaded (a VolumeConfig for CT volumes, as prepare_eval returns it);
     generate_kwargs (do_sample, temperature, top_k, top_p, generator, ...) go to models.generate."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -48,7 +56,7 @@ def generate_texts(model, tokenizer, samples: Sequence, builder, image_config: O
         # The builder reserves slots for a fixed number of images: one dataset (one view count) at a time.
         raise ValueError(f"samples mix {views} images per sample; evaluate each dataset on its own, with a "
                          "PromptBuilder made for its number of images")
-    dataset = MedicalDataset(samples, image_config=image_config)
+    dataset = MedicalDataset(samples, **media_kwargs(image_config))
     was_training = model.training
     model.eval()  # no dropout (LoRA's included) while generating
     texts = []
@@ -84,7 +92,8 @@ def positives(labels: dict) -> list:
     return [name for name, value in labels.items() if value == 1]
 
 
-def evaluate_model(model, tokenizer, samples: Sequence, builder, image_config: Optional[ImageConfig] = None, *,
+def evaluate_model(model, tokenizer, samples: Sequence, builder,
+                   image_config: Union[ImageConfig, VolumeConfig, None] = None, *,
                    batch_size: int = 16, num_beams: int = 1, max_new_tokens: int = 100, meteor: bool = True,
                    clean: Callable[[str], str] = clean_report_iu_xray, output_dir=None, name: str = "eval",
                    log: Optional[Callable[[str], None]] = print) -> dict:
@@ -93,7 +102,8 @@ def evaluate_model(model, tokenizer, samples: Sequence, builder, image_config: O
 
     Report and caption samples get the report metrics, clinical P/R/F1 (micro and macro over the findings with
     support in the references) and the hallucination rate; VQA samples get exact-match accuracy, closed/open.
-    `model` is a MultimodalLM, `builder` a PromptBuilder matching it, `image_config` how to load the images.
+    `model` is a MultimodalLM, `builder` a PromptBuilder matching it, `image_config` how to load the media (a
+    VolumeConfig for CT volumes).
     """
     samples = list(samples)
     if not samples:
@@ -178,9 +188,9 @@ def run_config(checkpoint: Path, overrides: Sequence[str]):
 
 
 def prepare_eval(config, split: str = "test", checkpoint=None):
-    """(model of `config` in eval mode, tokenizer, builder, image_config, samples of `split`); with `checkpoint`,
-    its adapter and trainable weights are loaded, else the adapters stay at their initialisation (the untrained
-    baseline)."""
+    """(model of `config` in eval mode, tokenizer, builder, media config (the ImageConfig, or the VolumeConfig of a
+    CT recipe), samples of `split`); with `checkpoint`, its adapter and trainable weights are loaded, else the
+    adapters stay at their initialisation (the untrained baseline)."""
     from mrgfast.data import PromptBuilder
     from mrgfast.training.build import (TEMPLATES, build_model, build_tokenizer, load_initial_weights, read_samples,
                                         synthetic_root)
@@ -198,7 +208,8 @@ def prepare_eval(config, split: str = "test", checkpoint=None):
     if checkpoint is not None:
         load_initial_weights(parts.model, Path(checkpoint))
     builder = PromptBuilder(tokenizer, TEMPLATES[config.model.recipe], **parts.builder_kwargs)
-    return parts.model.eval(), tokenizer, builder, parts.image_config, samples
+    media = parts.volume_config if parts.volume_config is not None else parts.image_config
+    return parts.model.eval(), tokenizer, builder, media, samples
 
 
 def load_for_eval(checkpoint, overrides: Sequence[str] = (), split: str = "test"):

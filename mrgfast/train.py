@@ -115,7 +115,7 @@ def run(config: TrainConfig, ctx, on_step) -> TrainResult:
     def evaluate(at: int) -> None:
         """Evaluate the model as it is after step `at` (main process); every rank waits for it."""
         if evaluator is not None:
-            record = evaluator.run(core, pieces.tokenizer, pieces.builder, pieces.dataset.image_config, at)
+            record = evaluator.run(core, pieces.tokenizer, pieces.builder, pieces.dataset.media_config, at)
             telemetry.throughput.exclude(record["seconds"])
             evaluations.append({"step": at, **record})
             print(f"[eval] step {at}: " + ", ".join(f"{k} {v:.4g}" for k, v in record.items()), file=sys.stderr)

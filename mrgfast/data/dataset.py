@@ -44,6 +44,12 @@ class MedicalDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    @property
+    def media_config(self):
+        """How its samples' media are loaded: the VolumeConfig for CT volumes, else the ImageConfig."""
+        volumes = bool(self.samples) and self.samples[0].modality == "volume"
+        return self.volume_config if volumes else self.image_config
+
     def set_epoch(self, epoch: int) -> None:
         """Change the augmentation draw for a new epoch (augmentation stays a function of seed, epoch, index)."""
         self.epoch = epoch

@@ -97,6 +97,14 @@ def test_volume_items(tmp_path):
     torch.testing.assert_close(item["pixel_values"], torch.full((1, 2, 3, 3), 0.5))
 
 
+def test_media_config_is_the_one_the_samples_are_loaded_with():
+    volume = Sample(id="ct", task="report", prompt="", answer="x", image_paths=("v.npy",), modality="volume")
+    image = Sample(id="cxr", task="report", prompt="", answer="x", image_paths=("a.png",))
+    volumes, pictures = VolumeConfig(shape=(4, 4, 4)), ImageConfig(size=8)
+    assert MedicalDataset([volume], pictures, volumes).media_config is volumes
+    assert MedicalDataset([image], pictures, volumes).media_config is pictures
+
+
 def test_augmentation_depends_on_seed_epoch_and_index_only(tmp_path):
     rng = np.random.default_rng(0)
     path = tmp_path / "noise.png"

@@ -96,3 +96,20 @@ def test_two_ddp_processes_evaluate_on_rank_0_only(cache, tmp_path):
     reports = [json.loads((tmp_path / f"train-rank{r}.json").read_text()) for r in range(2)]
     assert [report[0]["step"] for report in reports] == [4, 4]
     assert [line["step"] for line in eval_lines(tmp_path / "ddp")] == [2, 4]
+
+
+def test_ct_runs_are_evaluated_with_their_volume_preprocessing(tmp_path_factory, tmp_path):
+    # Volumes stored at 32^3 and read at 16^3: evaluation must resample them as training does (the run's
+    # VolumeConfig), or the 3D ViT would get volumes of the wrong size.
+    from pathlib import Path
+    config = load_config(Path(DEMO).parent / "rad3d_prefix.yaml", [
+        f"output_dir={tmp_path}", f"data.cache_dir={tmp_path_factory.mktemp('ct-cache')}", "data.synthetic_n=12",
+        "data.synthetic_volumes=6", "data.synthetic_volume_size=32", "data.image_size=16", "data.rows=1",
+        "schedule.max_steps=2", "schedule.warmup_ratio=0", "schedule.warmup_steps=0", "checkpoint.every_steps=100",
+        "telemetry.progress_bar=false", "telemetry.tensorboard=false", "resume=none", "eval.at_end=true",
+        "eval.split=valid", "eval.max_new_tokens=5"])
+    result = train(config)
+    assert [e["step"] for e in result.evaluations] == [2] and "report/BLEU_4" in result.evaluations[0]
+    from mrgfast.evaluate import load_for_eval
+    model, tokenizer, builder, media, samples = load_for_eval(result.checkpoint, split="valid")
+    assert media.shape == (16, 16, 16) and samples[0].modality == "volume"
