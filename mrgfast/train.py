@@ -117,6 +117,7 @@ def run(config: TrainConfig, ctx, on_step) -> TrainResult:
         if evaluator is not None:
             record = evaluator.run(core, pieces.tokenizer, pieces.builder, pieces.dataset.media_config, at)
             telemetry.throughput.exclude(record["seconds"])
+            telemetry.log_eval(at, record)
             evaluations.append({"step": at, **record})
             print(f"[eval] step {at}: " + ", ".join(f"{k} {v:.4g}" for k, v in record.items()), file=sys.stderr)
         barrier(ctx)

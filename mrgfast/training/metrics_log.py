@@ -87,8 +87,8 @@ def open_tensorboard(log_dir: Union[str, Path]):
     return SummaryWriter(log_dir=str(log_dir))
 
 
-def write_scalars(writer, step: int, record: dict) -> None:
-    """Write a record's numeric values to a SummaryWriter (strings and the wall time skipped)."""
+def write_scalars(writer, step: int, record: dict, prefix: str = "") -> None:
+    """Write a record's numeric values to a SummaryWriter as `prefix + key` (strings and the wall time skipped)."""
     for key, value in record.items():
         if key not in ("step", "time") and isinstance(value, (int, float)) and not isinstance(value, bool):
-            writer.add_scalar(key, value, step)
+            writer.add_scalar(prefix + key, value, step)

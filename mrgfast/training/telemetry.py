@@ -1,4 +1,5 @@
-"""Telemetry for the loop in one object: JSONL (+ TensorBoard), progress bar, throughput/MFU, GPU sampling."""
+"""Telemetry for the loop in one object: JSONL (+ TensorBoard, evaluations included), progress bar, throughput/MFU,
+GPU sampling."""
 
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -59,6 +60,12 @@ class Telemetry:
                         tokens_per_s=record["tokens_per_s"])
         self.pending_steps = 0
         return written
+
+    def log_eval(self, step: int, record: dict[str, Any]) -> None:
+        """Send an evaluation's headline metrics to TensorBoard as `eval/<metric>` (eval.jsonl has them already)."""
+        if self.tensorboard is not None:
+            write_scalars(self.tensorboard, step, record, prefix="eval/")
+            self.tensorboard.flush()
 
     def close(self) -> None:
         """Flush and close every sink and stop the GPU thread."""

@@ -50,11 +50,36 @@ def test_every_steps_evaluates_and_training_is_unchanged(cache, tmp_path):
     assert plain.evaluations == [] and not (tmp_path / "plain" / EVAL_LOG).exists()
 
 
-def test_at_end_evaluates_once_and_dpo_is_scored_on_reports(cache, tmp_path):
-    result = train(tiny(cache, tmp_path, "mode=dpo", "lora.enabled=true", "eval.at_end=true", *EVAL))
+class RecordingWriter:
+    """A SummaryWriter stand-in that keeps its scalars (tensorboard is not a dependency)."""
+
+    def __init__(self):
+        self.scalars = {}
+
+    def add_scalar(self, key, value, step):
+        self.scalars[(key, step)] = value
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_at_end_evaluates_once_and_dpo_is_scored_on_reports(cache, tmp_path, monkeypatch):
+    from mrgfast.training import telemetry
+    writer = RecordingWriter()
+    monkeypatch.setattr(telemetry, "open_tensorboard", lambda log_dir: writer)
+    result = train(tiny(cache, tmp_path, "mode=dpo", "lora.enabled=true", "eval.at_end=true",
+                        "telemetry.tensorboard=true", *EVAL))
     assert [e["step"] for e in result.evaluations] == [4] == [line["step"] for line in eval_lines(tmp_path)]
     rows = [json.loads(line) for line in (tmp_path / "eval-step-000004.generations.jsonl").read_text().splitlines()]
     assert all(row["task"] == "report" and row["reference"] for row in rows)
+    # TensorBoard gets the evaluation beside the training scalars, under eval/.
+    line = eval_lines(tmp_path)[0]
+    assert writer.scalars[("eval/report/BLEU_4", 4)] == line["report/BLEU_4"]
+    assert writer.scalars[("eval/hallucination/rate", 4)] == line["hallucination/rate"]
+    assert ("loss", 4) in writer.scalars
 
 
 def test_resume_redoes_the_evaluations_after_its_checkpoint(cache, tmp_path):

@@ -71,6 +71,9 @@ def test_write_scalars_sends_numbers_only():
     writer = SimpleNamespace(add_scalar=lambda k, v, s: calls.append((k, v, s)))
     write_scalars(writer, 5, {"step": 5, "time": 1.0, "loss": 0.5, "tokens": 3, "note": "x", "flag": True})
     assert calls == [("loss", 0.5, 5), ("tokens", 3, 5)]
+    calls.clear()
+    write_scalars(writer, 6, {"report/BLEU_4": 0.25}, prefix="eval/")
+    assert calls == [("eval/report/BLEU_4", 0.25, 6)]
 
 
 def test_flops_per_token():
