@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from mrgfast import evaluate
-from mrgfast.data import PromptBuilder, build_demo_tokenizer, clean_report_iu_xray, label_report
+from mrgfast.data import PromptBuilder, clean_report_iu_xray, label_report
 from mrgfast.data.dataset import MedicalDataset
 from mrgfast.data.packing import PlacedSpan
 from mrgfast.data.synthetic import demo_samples, generate_demo
 from mrgfast.metrics import clinical_metrics, report_metrics, vqa_accuracy
 from mrgfast.training.config import load_config
-from tests.tiny_multimodal import IMAGE, tiny_multimodal_lm
+from tests.tiny_multimodal import IMAGE, tiny_lm_with_tokenizer
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 REPORT_KEYS = {"BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "ROUGE_L", "CIDEr"}
@@ -35,9 +35,7 @@ def tiny(tmp_path_factory):
     reports = list(demo_samples(root / "data", "report", "test"))
     questions = list(demo_samples(root / "data", "vqa", "test"))[:3]
     texts = [s.answer for s in demo_samples(root / "data", "report", "train")] + [s.prompt for s in questions]
-    tokenizer = build_demo_tokenizer(texts + [s.answer for s in questions], root / "tok", vocab_size=300)
-    model = tiny_multimodal_lm(tokenizer.vocab_size)
-    builder = PromptBuilder(tokenizer, "pefomed", **model.builder_kwargs("pefomed", views=2))
+    tokenizer, model, builder = tiny_lm_with_tokenizer(texts + [s.answer for s in questions], root / "tok")
     vqa_builder = PromptBuilder(tokenizer, "pefomed", **model.builder_kwargs("pefomed", views=1))
     return dict(root=root, model=model, tokenizer=tokenizer, builder=builder, samples=reports, vqa=questions,
                 vqa_builder=vqa_builder)

@@ -7,12 +7,12 @@ import os
 import pytest
 
 from mrgfast import onpolicy_pairs
-from mrgfast.data import PromptBuilder, build_demo_tokenizer, clean_report_iu_xray
+from mrgfast.data import clean_report_iu_xray
 from mrgfast.data.preference import read_preference_jsonl
 from mrgfast.data.samples import Sample
 from mrgfast.data.synthetic import demo_samples, generate_demo
 from mrgfast.onpolicy_pairs import PairOptions, build_onpolicy_pairs, choose_pairs, hallucinated
-from tests.tiny_multimodal import IMAGE, tiny_multimodal_lm
+from tests.tiny_multimodal import IMAGE, tiny_lm_with_tokenizer
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -24,9 +24,7 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("onpolicy")
     generate_demo(root / "data", seed=2, n=12, size=32, n_volumes=0)
     samples = list(demo_samples(root / "data", "report", "train"))
-    tokenizer = build_demo_tokenizer([s.answer for s in samples], root / "tok", vocab_size=300)
-    model = tiny_multimodal_lm(tokenizer.vocab_size)
-    builder = PromptBuilder(tokenizer, "pefomed", **model.builder_kwargs("pefomed", views=2))
+    tokenizer, model, builder = tiny_lm_with_tokenizer([s.answer for s in samples], root / "tok")
     return dict(root=root, model=model, tokenizer=tokenizer, builder=builder, samples=samples)
 
 

@@ -1,8 +1,11 @@
 """A tiny untrained MultimodalLM (ViT -> grouping projector -> decoder) over 16x16 grayscale images, for tests that
 generate from a real model path in milliseconds."""
 
+from pathlib import Path
+
 import torch
 
+from mrgfast.data import PromptBuilder, build_demo_tokenizer
 from mrgfast.data.images import ImageConfig
 from mrgfast.layers.token_group_projector import TokenGroupProjector
 from mrgfast.models import Decoder, DecoderConfig, ViT
@@ -18,3 +21,10 @@ def tiny_multimodal_lm(vocab_size: int, seed: int = 0) -> MultimodalLM:
                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
     vit = ViT(16, 4, in_channels=1, dim=16, depth=1, heads=2).requires_grad_(False)
     return MultimodalLM(decoder, vision=vit, adapters={"image": TokenGroupProjector(16, 32, 4)}).eval()
+
+
+def tiny_lm_with_tokenizer(texts: list, tokenizer_dir: Path, views: int = 2) -> tuple:
+    """(demo tokenizer trained on `texts`, the tiny model over its vocabulary, a PeFoMed prompt builder for `views`)."""
+    tokenizer = build_demo_tokenizer(texts, tokenizer_dir, vocab_size=300)
+    model = tiny_multimodal_lm(tokenizer.vocab_size)
+    return tokenizer, model, PromptBuilder(tokenizer, "pefomed", **model.builder_kwargs("pefomed", views=views))
