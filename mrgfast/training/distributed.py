@@ -7,6 +7,7 @@ import contextlib
 import datetime
 import os
 import signal
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Optional
@@ -87,6 +88,10 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: int
         for name in ("MASTER_ADDR", "MASTER_PORT"):
             if name not in os.environ:
                 raise ValueError(f"WORLD_SIZE={world_size} but {name} is not set; launch with torchrun")
+        # Importing torch._dynamo while a group exists (DDP's constructor does) keeps that group alive past
+        # destroy_process_group in torch 2.13: its gloo threads then outlive teardown and died at interpreter exit,
+        # aborting a rank now and then ("terminate called without an active exception"). Imported first, it doesn't.
+        import torch._dynamo  # noqa: F401
         with stop_signals_blocked():
             dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
                                     timeout=datetime.timedelta(seconds=timeout_s),
@@ -114,9 +119,25 @@ def stop_signals_blocked() -> Iterator[None]:
 
 
 def teardown(ctx: DistContext) -> None:
-    """Leave the process group if init_distributed created it."""
+    """Leave the process group if init_distributed created it, so that its communication threads stop."""
     if ctx.owns_group and dist.is_initialized():
+        drop_dtensor_caches()
         dist.destroy_process_group()
+
+
+def drop_dtensor_caches() -> None:
+    """Empty DTensor's module-level caches (sharding propagation, redistribution plans, mesh topology): their keys
+    keep FSDP2's device mesh, and through it the process group, alive after destroy_process_group (torch 2.13); its
+    gloo threads then died at interpreter exit, aborting a rank now and then ("terminate called without an active
+    exception"). These are private torch functions: tests/training/test_distributed.py checks no thread is left."""
+    if "torch.distributed.tensor" not in sys.modules:  # no DTensor was made
+        return
+    from torch.distributed.tensor import _collective_utils, _redistribute
+    from torch.distributed.tensor.debug import _clear_sharding_prop_cache
+    _clear_sharding_prop_cache()
+    _redistribute._gen_transform_infos.cache_clear()
+    _redistribute.clear_redistribute_planner_cache()
+    _collective_utils.MeshTopoInfo.build_from_mesh.cache_clear()
 
 
 def is_main_process() -> bool:

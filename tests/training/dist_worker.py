@@ -1,6 +1,7 @@
 """Workers for the 2-process gloo tests: collectives, a DDP step and an FSDP2 step on one shard of a global batch
 (`run`), and whole training runs of mrgfast.train (`train_runs`)."""
 
+import gc
 import json
 import os
 import signal
@@ -70,8 +71,17 @@ def run(rank: int, world_size: int, port: int, out_dir: str) -> None:
         out.update({f"{tag}.{k}": v for k, v in grads.items()})
         out.update({f"{tag}.param.{n}": full(p) for n, p in model.named_parameters()})
     out.update(checkpoint_round_trip(ctx, xs, ys))
-    save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(out_dir, f"rank{rank}.safetensors"))
+    del model, wrapped
     teardown(ctx)
+    gc.collect()
+    out["communication_threads"] = torch.tensor([float(len(communication_threads()))])
+    save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(out_dir, f"rank{rank}.safetensors"))
+
+
+def communication_threads() -> list[str]:
+    """Names of this process's threads that belong to a process group (gloo loops, the TCP store)."""
+    names = [open(f"/proc/self/task/{tid}/comm").read().strip() for tid in os.listdir("/proc/self/task")]
+    return [n for n in names if "gloo" in n or "tcpstore" in n]
 
 
 def full_optimizer_state(optimizer) -> dict:

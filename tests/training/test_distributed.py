@@ -108,6 +108,13 @@ def test_two_gloo_processes_match_one_process(ranks):
                 torch.testing.assert_close(out[f"{tag}.param.{name}"], param.detach(), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads thread names from /proc")
+def test_teardown_stops_the_groups_threads(ranks):
+    """No gloo or TCP-store thread outlives teardown once the DDP and FSDP models are gone: leftover ones died at
+    interpreter exit and aborted a rank now and then."""
+    assert [out["communication_threads"].item() for out in ranks] == [0.0, 0.0]
+
+
 def test_sharded_full_state_round_trips_with_uneven_shards(ranks):
     """gather_full_state gives rank 0 the whole weights and AdamW state of an FSDP2 model whose shards are uneven
     (5 and 3 rows over 2 ranks); scatter_full_state puts a whole state back into every rank's shards."""
