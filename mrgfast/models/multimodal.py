@@ -27,7 +27,7 @@ from mrgfast.layers.diagnostic_prefix import DiagnosticPrefix
 from mrgfast.layers.token_group_projector import TokenGroupProjector
 from mrgfast.models.decoder import Decoder
 from mrgfast.models.generation import generate
-from mrgfast.models.vision import QWEN2_VL_DEFAULT_SIZE, Qwen2VLMerger, VisionFeatures, VisionTower
+from mrgfast.models.vision import Qwen2VLMerger, VisionFeatures, VisionTower
 
 PER_IMAGE_KINDS = ("image",)  # one slot per image; the other kinds have one slot per sample
 

@@ -5,6 +5,7 @@ Without torchrun (no WORLD_SIZE, or WORLD_SIZE=1) everything here is a single-pr
 
 import contextlib
 import datetime
+import importlib
 import os
 import signal
 import sys
@@ -91,7 +92,7 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: int
         # Importing torch._dynamo while a group exists (DDP's constructor does) keeps that group alive past
         # destroy_process_group in torch 2.13: its gloo threads then outlive teardown and died at interpreter exit,
         # aborting a rank now and then ("terminate called without an active exception"). Imported first, it doesn't.
-        import torch._dynamo  # noqa: F401
+        importlib.import_module("torch._dynamo")
         with stop_signals_blocked():
             dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
                                     timeout=datetime.timedelta(seconds=timeout_s),

@@ -175,7 +175,7 @@ def token_loss_forward(hidden, weight, bias, labels, ignore_index, label_smoothi
 
 def loss_and_grad_forward(hidden, weight, bias, labels, ignore_index, label_smoothing):
     """Per chunk of tokens: logits by GEMM, loss and dL/dlogits by the row kernel (in place), dL/dh by GEMM."""
-    (n_tokens, dim), vocab = hidden.shape, weight.shape[0]
+    n_tokens, vocab = hidden.shape[0], weight.shape[0]
     settings = launch_settings(hidden)
     losses = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)
     lse = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)
