@@ -90,8 +90,8 @@ def init_distributed(device: str = "auto", backend: str = "auto", timeout_s: int
             if name not in os.environ:
                 raise ValueError(f"WORLD_SIZE={world_size} but {name} is not set; launch with torchrun")
         # Importing torch._dynamo while a group exists (DDP's constructor does) keeps that group alive past
-        # destroy_process_group in torch 2.13: its gloo threads then outlive teardown and died at interpreter exit,
-        # aborting a rank now and then ("terminate called without an active exception"). Imported first, it doesn't.
+        # destroy_process_group in torch 2.13, so its gloo threads outlive teardown (see drop_dtensor_caches for why
+        # that matters). Imported before the group exists, it holds nothing.
         importlib.import_module("torch._dynamo")
         with stop_signals_blocked():
             dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
@@ -128,9 +128,10 @@ def teardown(ctx: DistContext) -> None:
 
 def drop_dtensor_caches() -> None:
     """Empty DTensor's module-level caches (sharding propagation, redistribution plans, mesh topology): their keys
-    keep FSDP2's device mesh, and through it the process group, alive after destroy_process_group (torch 2.13); its
-    gloo threads then died at interpreter exit, aborting a rank now and then ("terminate called without an active
-    exception"). These are private torch functions: tests/training/test_distributed.py checks no thread is left."""
+    keep FSDP2's device mesh, and through it the process group, alive after destroy_process_group (torch 2.13). Its
+    gloo threads then run until interpreter exit, the likely cause of the rare 2-process abort "terminate called
+    without an active exception". These are private torch functions: tests/training/test_distributed.py checks that
+    no thread is left."""
     if "torch.distributed.tensor" not in sys.modules:  # no DTensor was made
         return
     from torch.distributed.tensor import _collective_utils, _redistribute
