@@ -18,13 +18,13 @@ import torch
 from mrgfast.data.dataset import MedicalDataset
 from mrgfast.data.images import ImageConfig
 from mrgfast.data.labeler import OBSERVATIONS, label_report
-from mrgfast.data.text import clean_report_iu_xray
+from mrgfast.data.text import clean_report_iu_xray, clean_report_mimic_cxr
 from mrgfast.data.volumes import VolumeConfig
 from mrgfast.metrics import (clinical_metrics, format_table, hallucination_rate, java_available, report_metrics,
                              vqa_accuracy, write_eval_json, write_generations)
 
-__all__ = ["SUMMARY_METRICS", "evaluate_model", "java_available", "main", "prepare_eval", "report_metrics",
-           "summary_table"]
+__all__ = ["SUMMARY_METRICS", "evaluate_model", "java_available", "main", "metric_cleaning", "prepare_eval",
+           "report_metrics", "summary_table"]
 
 REPORT_TASKS = ("report", "caption")
 EVAL_NAME = "eval"  # -> eval.json and eval.generations.jsonl
@@ -212,12 +212,28 @@ def prepare_eval(config, split: str = "test", checkpoint=None):
     return parts.model.eval(), tokenizer, builder, media, samples
 
 
-def load_for_eval(checkpoint, overrides: Sequence[str] = (), split: str = "test"):
-    """prepare_eval for a training checkpoint directory, with the config of the run that wrote it."""
+def metric_cleaning(config) -> Callable[[str], str]:
+    """The R2Gen cleaning the report metrics of a run use: MIMIC-CXR's for MIMIC-CXR text, IU-Xray's otherwise.
+
+    R2Gen scores each dataset on text cleaned by that dataset's own function; MIMIC-CXR's also turns line breaks
+    into spaces and collapses runs of '_' and spaces, which IU-Xray's would leave in raw MIMIC text.
+    """
+    data = config.data
+    mimic = data.clean == "mimic_cxr" or (data.dataset == "mimic_cxr" and data.clean != "iu_xray")
+    return clean_report_mimic_cxr if mimic else clean_report_iu_xray
+
+
+def checkpoint_config(checkpoint, overrides: Sequence[str] = ()):
+    """The config of the run that wrote the training checkpoint directory `checkpoint`, with overrides."""
     checkpoint = Path(checkpoint)
     if not checkpoint.is_dir():
         raise FileNotFoundError(f"checkpoint={checkpoint}: not a directory")
-    return prepare_eval(run_config(checkpoint, list(overrides)), split, checkpoint)
+    return run_config(checkpoint, list(overrides))
+
+
+def load_for_eval(checkpoint, overrides: Sequence[str] = (), split: str = "test"):
+    """prepare_eval for a training checkpoint directory, with the config of the run that wrote it."""
+    return prepare_eval(checkpoint_config(checkpoint, overrides), split, Path(checkpoint))
 
 
 def main(argv=None) -> int:
@@ -225,8 +241,9 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         options, overrides = parse_args(argv)
-        model, tokenizer, builder, image_config, samples = load_for_eval(options["checkpoint"], overrides,
-                                                                         options["split"])
+        config = checkpoint_config(options["checkpoint"], overrides)
+        model, tokenizer, builder, image_config, samples = prepare_eval(config, options["split"],
+                                                                        Path(options["checkpoint"]))
     except (ValueError, FileNotFoundError) as err:
         print(f"mrgfast.evaluate: {err}", file=sys.stderr)
         return 2
@@ -235,7 +252,7 @@ def main(argv=None) -> int:
     out = Path(options["output_dir"] or Path(options["checkpoint"]) / "eval")
     metrics = evaluate_model(model, tokenizer, samples, builder, image_config, batch_size=options["batch_size"],
                              num_beams=options["num_beams"], max_new_tokens=options["max_new_tokens"],
-                             meteor=options["meteor"], output_dir=out, name=EVAL_NAME)
+                             meteor=options["meteor"], clean=metric_cleaning(config), output_dir=out, name=EVAL_NAME)
     print(summary_table({Path(options["checkpoint"]).name: metrics}))
     print(f"mrgfast.evaluate: wrote {out / (EVAL_NAME + '.json')} and {out / (EVAL_NAME + '.' + GENERATIONS)}")
     return 0

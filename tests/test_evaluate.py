@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mrgfast import evaluate
-from mrgfast.data import PromptBuilder, clean_report_iu_xray, label_report
+from mrgfast.data import PromptBuilder, clean_report_iu_xray, clean_report_mimic_cxr, label_report
 from mrgfast.data.dataset import MedicalDataset
 from mrgfast.data.packing import PlacedSpan
 from mrgfast.data.synthetic import demo_samples, generate_demo
@@ -134,7 +134,30 @@ def test_bad_arguments_raise(tiny):
     assert evaluate.main(["checkpoint=/nonexistent/step-000001"]) == 2
 
 
-def test_cli_loads_a_trainer_checkpoint(tmp_path, capsys):
+MIMIC = ["data.dataset=mimic_cxr", "data.path=/data/mimic/annotation.json", "data.image_dir=/data/mimic/images"]
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ([], clean_report_iu_xray),  # the synthetic twin is IU-Xray-like
+    (["data.dataset=iu_xray", "data.path=/data/iu/annotation.json", "data.image_dir=/data/iu/images"],
+     clean_report_iu_xray),
+    (MIMIC, clean_report_mimic_cxr),
+    (MIMIC + ["data.clean=none"], clean_report_mimic_cxr),  # raw MIMIC text is still scored as R2Gen scores it
+    (MIMIC + ["data.clean=iu_xray"], clean_report_iu_xray),  # the run's explicit choice wins
+    (["data.clean=mimic_cxr"], clean_report_mimic_cxr),
+])
+def test_metric_cleaning_is_the_datasets_r2gen_cleaning(overrides, expected):
+    assert evaluate.metric_cleaning(load_config(DEMO, overrides)) is expected
+
+
+def test_the_two_cleanings_differ_on_raw_mimic_text():
+    # Why the choice matters: a line break ends a sentence only under MIMIC-CXR's cleaning.
+    raw = "Heart size is normal.\nNo pleural effusion.  No  pneumothorax."
+    assert clean_report_mimic_cxr(raw) == "heart size is normal . no pleural effusion . no pneumothorax ."
+    assert clean_report_iu_xray(raw) != clean_report_mimic_cxr(raw)
+
+
+def test_cli_loads_a_trainer_checkpoint(tmp_path, capsys, monkeypatch):
     """train() writes a checkpoint; the CLI rebuilds the model from its config.yaml, loads the adapter and the
     projector, and writes eval.json + generations; the loaded weights are the trained ones."""
     from mrgfast.train import train
@@ -152,6 +175,17 @@ def test_cli_loads_a_trainer_checkpoint(tmp_path, capsys):
     lines = (result.checkpoint / "eval" / "eval.generations.jsonl").read_text().splitlines()
     assert len(lines) == 2
     assert "report/BLEU_4" in capsys.readouterr().out
+    # The CLI scores with the run's R2Gen cleaning (here the run is re-read as MIMIC-cleaned text).
+    cleanings, real_evaluate = [], evaluate.evaluate_model
+
+    def recording_evaluate(*args, **kwargs):
+        cleanings.append(kwargs["clean"])
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "evaluate_model", recording_evaluate)
+    assert evaluate.main([f"checkpoint={result.checkpoint}", "limit=1", "max_new_tokens=2", "meteor=false",
+                          "data.clean=mimic_cxr", f"output_dir={tmp_path / 'mimic-cleaned'}"]) == 0
+    assert cleanings == [clean_report_mimic_cxr]
     model = evaluate.load_for_eval(result.checkpoint)[0]
     trained = {k: v for k, v in result.model.state_dict().items() if "lora_" in k or k.startswith("adapters.")}
     loaded = model.state_dict()

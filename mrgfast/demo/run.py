@@ -15,7 +15,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from mrgfast.demo.base_models import FAST_SETTINGS, BaseModels, BaseModelSettings, prepare_base_models
-from mrgfast.evaluate import evaluate_model, prepare_eval, summary_table
+from mrgfast.evaluate import evaluate_model, metric_cleaning, prepare_eval, summary_table
 from mrgfast.metrics import write_eval_json
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
@@ -144,8 +144,8 @@ def evaluate_stage(config, options: DemoOptions, checkpoint, name: str, output_d
         samples = samples[:options.eval_limit]
     beams = options.num_beams if num_beams is None else num_beams
     return evaluate_model(model, tokenizer, samples, builder, image_config, num_beams=beams,
-                          max_new_tokens=options.max_new_tokens, meteor=options.meteor, output_dir=output_dir,
-                          name=name)
+                          max_new_tokens=options.max_new_tokens, meteor=options.meteor,
+                          clean=metric_cleaning(config), output_dir=output_dir, name=name)
 
 
 def run_demo(options: DemoOptions, settings: Optional[BaseModelSettings] = None) -> dict:

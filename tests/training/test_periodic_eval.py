@@ -7,7 +7,8 @@ import pytest
 
 from mrgfast.train import train
 from mrgfast.training.config import ConfigError, load_config, parse_cli
-from mrgfast.training.periodic_eval import EVAL_LOG
+from mrgfast.data import clean_report_iu_xray, clean_report_mimic_cxr
+from mrgfast.training.periodic_eval import EVAL_LOG, PeriodicEval
 from tests.training.test_train_loop import DEMO, logged, tiny_overrides
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -86,6 +87,13 @@ def test_resume_redoes_the_evaluations_after_its_checkpoint(cache, tmp_path):
     train(tiny(cache, tmp_path, "eval.every_steps=1", *EVAL))
     train(tiny(cache, tmp_path, "eval.every_steps=1", f"resume={tmp_path / 'step-000002'}", *EVAL))
     assert [line["step"] for line in eval_lines(tmp_path)] == [1, 2, 3, 4]
+
+
+def test_the_report_metrics_use_the_runs_r2gen_cleaning(cache, tmp_path):
+    for extra, expected in (([], clean_report_iu_xray), (["data.clean=mimic_cxr"], clean_report_mimic_cxr)):
+        evaluator = PeriodicEval(tiny(cache, tmp_path, *EVAL, *extra), tmp_path)
+        evaluator.close()
+        assert evaluator.clean is expected
 
 
 def test_a_missing_split_fails_before_training(cache, tmp_path):
