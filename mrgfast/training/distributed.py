@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Optional
 
@@ -126,20 +127,49 @@ def teardown(ctx: DistContext) -> None:
         dist.destroy_process_group()
 
 
+# DTensor's module-level caches whose keys hold a device mesh, as (module, dotted name of the function that empties
+# it). Private torch names (torch 2.13): tests/training/test_distributed.py checks that no thread is left.
+DTENSOR_CACHE_CLEARERS = (
+    ("torch.distributed.tensor.debug", "_clear_sharding_prop_cache"),
+    ("torch.distributed.tensor._redistribute", "_gen_transform_infos.cache_clear"),
+    ("torch.distributed.tensor._redistribute", "clear_redistribute_planner_cache"),
+    ("torch.distributed.tensor._collective_utils", "MeshTopoInfo.build_from_mesh.cache_clear"),
+)
+
+
+def cache_clearer(module: str, name: str):
+    """The function `module`.`name` (a dotted attribute path), or None when this torch does not have it."""
+    try:
+        found = importlib.import_module(module)
+    except ImportError:
+        return None
+    for part in name.split("."):
+        found = getattr(found, part, None)
+        if found is None:
+            return None
+    return found
+
+
 def drop_dtensor_caches() -> None:
     """Empty DTensor's module-level caches (sharding propagation, redistribution plans, mesh topology): their keys
     keep FSDP2's device mesh, and through it the process group, alive after destroy_process_group (torch 2.13). Its
     gloo threads then run until interpreter exit, the likely cause of the rare 2-process abort "terminate called
-    without an active exception". These are private torch functions: tests/training/test_distributed.py checks that
-    no thread is left."""
+    without an active exception". A cache this torch lacks is named in a warning: the run itself is finished, so
+    teardown does not fail over it."""
     if "torch.distributed.tensor" not in sys.modules:  # no DTensor was made
         return
-    from torch.distributed.tensor import _collective_utils, _redistribute
-    from torch.distributed.tensor.debug import _clear_sharding_prop_cache
-    _clear_sharding_prop_cache()
-    _redistribute._gen_transform_infos.cache_clear()
-    _redistribute.clear_redistribute_planner_cache()
-    _collective_utils.MeshTopoInfo.build_from_mesh.cache_clear()
+    missing = []
+    for module, name in DTENSOR_CACHE_CLEARERS:
+        clear = cache_clearer(module, name)
+        if clear is None:
+            missing.append(f"{module}.{name}")
+        else:
+            clear()
+    if missing:
+        warnings.warn(f"teardown: torch {torch.__version__} has no {', '.join(missing)}, so those DTensor caches "
+                      "were not emptied and may keep the process group's threads alive until exit (mrgfast clears "
+                      "them for torch 2.13); a rare 'terminate called without an active exception' at exit is the "
+                      "symptom", RuntimeWarning, stacklevel=2)
 
 
 def is_main_process() -> bool:

@@ -12,7 +12,9 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 from torch import nn
 
-from mrgfast.training.distributed import (DistContext, all_reduce_mean, any_rank, gather_objects, init_distributed,
+from mrgfast.training import distributed
+from mrgfast.training.distributed import (DTENSOR_CACHE_CLEARERS, DistContext, all_reduce_mean, any_rank,
+                                          cache_clearer, drop_dtensor_caches, gather_objects, init_distributed,
                                           is_main_process, stop_signals_blocked, teardown, wrap_model)
 from tests.training import dist_worker
 
@@ -113,6 +115,24 @@ def test_teardown_stops_the_groups_threads(ranks):
     """No gloo or TCP-store thread outlives teardown once the DDP and FSDP models are gone: leftover ones died at
     interpreter exit and aborted a rank now and then."""
     assert [out["communication_threads"].item() for out in ranks] == [0.0, 0.0]
+
+
+def test_every_dtensor_cache_clearer_exists_in_this_torch():
+    assert all(callable(cache_clearer(module, name)) for module, name in DTENSOR_CACHE_CLEARERS)
+    assert cache_clearer("torch.distributed.tensor._no_such_module", "clear") is None
+    assert cache_clearer("torch.distributed.tensor.debug", "_clear_sharding_prop_cache.no_such_attribute") is None
+
+
+def test_a_cache_clearer_this_torch_lacks_is_named_in_a_warning_and_the_others_still_run(monkeypatch):
+    import torch.distributed.tensor.debug as dtensor_debug  # also puts torch.distributed.tensor in sys.modules
+    calls = []
+    monkeypatch.setattr(dtensor_debug, "_clear_sharding_prop_cache", lambda: calls.append("cleared"))
+    monkeypatch.setattr(distributed, "DTENSOR_CACHE_CLEARERS",
+                        (("torch.distributed.tensor.debug", "_renamed_cache_clear"),
+                         ("torch.distributed.tensor.debug", "_clear_sharding_prop_cache")))
+    with pytest.warns(RuntimeWarning, match=r"torch\.distributed\.tensor\.debug\._renamed_cache_clear"):
+        drop_dtensor_caches()
+    assert calls == ["cleared"]
 
 
 def test_sharded_full_state_round_trips_with_uneven_shards(ranks):
