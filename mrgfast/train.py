@@ -5,6 +5,7 @@ With no arguments it runs the embedded demo (mrgfast.demo.main). Reads top to bo
 NaN guard, SIGTERM handling and checkpoints -> TrainResult.
 """
 
+import gc
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,8 @@ from mrgfast.training.throughput import training_flops_per_token
 @dataclass
 class TrainResult:
     """What a run leaves: where, its last checkpoint, the last logged metrics, every logged record, the model, and
-    the headline metrics of each evaluation during training (main process)."""
+    the headline metrics of each evaluation during training (main process). An FSDP2 model keeps the process group's
+    threads running until the result is dropped and garbage-collected (`gc.collect()`), as main() does."""
 
     output_dir: Path
     checkpoint: Optional[Path]
@@ -264,6 +266,17 @@ def main(argv=None) -> int:
     if not argv:
         from mrgfast import demo  # imported lazily: the demo owns its own (heavier) orchestration
         return demo.main() or 0
+    code = train_from_cli(argv)
+    # An FSDP2 model holds the process group, and so its gloo/NCCL threads, through its device mesh, inside
+    # reference cycles that outlive train_from_cli's frame: collect them now, while the interpreter is whole. Left to
+    # interpreter shutdown, running group threads are the likely cause of the rare exit abort "terminate called
+    # without an active exception".
+    gc.collect()
+    return code
+
+
+def train_from_cli(argv: list) -> int:
+    """Train the run that `config=...` and `key=value` overrides describe; returns the exit code."""
     try:
         config = parse_cli(argv)
         result = train(config)

@@ -269,19 +269,12 @@ def gloo_worker(rank, world, ports, configs, queue):
     queue.put((rank, runs))
 
 
-def test_two_processes_ddp_and_fsdp2_match_one_process(cache, tmp_path):
-    """Same global batch: 1 process x 2 accumulated micro-batches == 2 gloo processes x 1 (DDP, then FSDP2)."""
+def run_two_ranks(target, *args) -> dict:
+    """{rank: what it put on the queue} of `target(rank, 2, *args, queue)` run in 2 spawned processes."""
     import torch.multiprocessing as mp
-    common = ["schedule.max_steps=2", "checkpoint.every_steps=100", "optim.lr=1e-2", "device=cpu",
-              "distributed.timeout_s=120"]  # a stuck collective fails the test instead of hanging it
-    single = train(tiny(cache, tmp_path / "one", *common, "optim.grad_accum_steps=2"))
-    ddp = tiny(cache, tmp_path / "ddp", *common, "distributed.strategy=ddp")
-    fsdp = tiny(cache, tmp_path / "fsdp", *common, "distributed.strategy=fsdp")
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    ports = [free_port(), free_port()]
-    configs = [config_to_dict(ddp), config_to_dict(fsdp)]
-    procs = [ctx.Process(target=gloo_worker, args=(r, 2, ports, configs, queue)) for r in range(2)]
+    procs = [ctx.Process(target=target, args=(r, 2, *args, queue)) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
@@ -290,7 +283,19 @@ def test_two_processes_ddp_and_fsdp2_match_one_process(cache, tmp_path):
         if p.is_alive():  # never leave a stuck worker behind
             p.kill()
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-    runs = dict(queue.get(timeout=5) for _ in procs)
+    return dict(queue.get(timeout=5) for _ in procs)
+
+
+TWO_PROCESS = ["schedule.max_steps=2", "checkpoint.every_steps=100", "optim.lr=1e-2", "device=cpu",
+               "distributed.timeout_s=120"]  # a stuck collective fails the test instead of hanging it
+
+
+def test_two_processes_ddp_and_fsdp2_match_one_process(cache, tmp_path):
+    """Same global batch: 1 process x 2 accumulated micro-batches == 2 gloo processes x 1 (DDP, then FSDP2)."""
+    single = train(tiny(cache, tmp_path / "one", *TWO_PROCESS, "optim.grad_accum_steps=2"))
+    ddp = tiny(cache, tmp_path / "ddp", *TWO_PROCESS, "distributed.strategy=ddp")
+    fsdp = tiny(cache, tmp_path / "fsdp", *TWO_PROCESS, "distributed.strategy=fsdp")
+    runs = run_two_ranks(gloo_worker, [free_port(), free_port()], [config_to_dict(ddp), config_to_dict(fsdp)])
     expected = [r["loss"] for r in single.history]
     for rank in (0, 1):
         (ddp_losses, ddp_sharded, _), (fsdp_losses, fsdp_sharded, trainable_sharded) = runs[rank]
@@ -303,6 +308,28 @@ def test_two_processes_ddp_and_fsdp2_match_one_process(cache, tmp_path):
         assert a.keys() == b.keys()
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=f"{run}: {key}")
+
+
+def cli_worker(rank, world, port, argv, queue):
+    """One rank of a 2-process `python -m mrgfast.train` run: main()'s exit code and the process group threads
+    still running once it has returned."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from tests.training.dist_worker import communication_threads
+    code = main(argv)
+    queue.put((rank, (code, communication_threads())))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads thread names from /proc")
+def test_two_process_fsdp_cli_stops_the_groups_threads_before_it_returns(cache, tmp_path):
+    """The FSDP2 model keeps the group alive in reference cycles; main() collects them, so no gloo or TCP-store
+    thread is left running into interpreter shutdown (where such threads aborted a rank now and then)."""
+    argv = [f"config={DEMO}", *tiny_overrides(cache), *TWO_PROCESS, f"output_dir={tmp_path}",
+            "distributed.strategy=fsdp"]
+    runs = run_two_ranks(cli_worker, free_port(), argv)
+    assert runs == {0: (0, []), 1: (0, [])}
+    assert (tmp_path / "step-000002").is_dir()
 
 
 def test_cli_without_arguments_runs_the_demo(monkeypatch):
