@@ -170,10 +170,12 @@ def parse_args(argv: Sequence[str]) -> tuple:
             overrides.append(f"{key}={value}")  # a training-config key (model.*, data.*, ...)
     if "checkpoint" not in options:
         raise ValueError("checkpoint=PATH is required: a step-XXXXXX directory written by mrgfast.train")
-    for key in ("num_beams", "max_new_tokens", "batch_size"):
-        options[key] = int(options[key])
-    options["limit"] = None if options["limit"] in (None, "none", "None") else int(options["limit"])
-    options["meteor"] = str(options["meteor"]).lower() in ("1", "true", "yes")
+    from mrgfast.training.config_parse import convert
+    for key, kind in (("num_beams", int), ("max_new_tokens", int), ("batch_size", int), ("limit", Optional[int])):
+        options[key] = convert(options[key], kind, key)
+        if options[key] is not None and options[key] < 1:
+            raise ValueError(f"{key}={options[key]}: expected an integer >= 1")
+    options["meteor"] = convert(options["meteor"], bool, "meteor")  # a typo is an error, not a silent 'false'
     return options, overrides
 
 

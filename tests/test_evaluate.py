@@ -131,6 +131,15 @@ def test_bad_arguments_raise(tiny):
         evaluate.parse_args(["split=test"])
     with pytest.raises(ValueError, match="key=value"):
         evaluate.parse_args(["checkpoint"])
+    with pytest.raises(ValueError, match="'num_beams': expected an integer, got 'abc'"):
+        evaluate.parse_args(["checkpoint=x", "num_beams=abc"])
+    for key in ("num_beams", "max_new_tokens", "batch_size", "limit"):
+        with pytest.raises(ValueError, match=f"{key}=0: expected an integer >= 1"):
+            evaluate.parse_args(["checkpoint=x", f"{key}=0"])
+    with pytest.raises(ValueError, match="'meteor': expected true or false, got 'flase'"):
+        evaluate.parse_args(["checkpoint=x", "meteor=flase"])
+    options, _ = evaluate.parse_args(["checkpoint=x", "limit=none", "meteor=no", "num_beams=3"])
+    assert (options["limit"], options["meteor"], options["num_beams"]) == (None, False, 3)
     assert evaluate.main(["checkpoint=/nonexistent/step-000001"]) == 2
 
 
