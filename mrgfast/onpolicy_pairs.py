@@ -117,15 +117,15 @@ def main(argv=None) -> int:
     if missing:
         print(f"mrgfast.onpolicy_pairs: {' and '.join(k + '=' for k in missing)} required", file=sys.stderr)
         return 2
-    fields = {f.name: f.type for f in dataclasses.fields(PairOptions)}
+    from mrgfast.training.config_parse import convert
+    kinds = {f.name: {"int": int, "float": float}.get(f.type, f.type) for f in dataclasses.fields(PairOptions)}
     try:
-        options = PairOptions(**{k: (int if fields[k] in (int, "int") else float)(v)
-                                 for k, v in values.items() if k in fields})
-    except ValueError as err:
+        options = PairOptions(**{k: convert(v, kinds[k], k) for k, v in values.items() if k in kinds})
+        model, tokenizer, builder, image_config, samples = load_for_eval(values["checkpoint"], overrides,
+                                                                         values["split"])
+    except (ValueError, FileNotFoundError) as err:
         print(f"mrgfast.onpolicy_pairs: {err}", file=sys.stderr)
         return 2
-    model, tokenizer, builder, image_config, samples = load_for_eval(values["checkpoint"], overrides,
-                                                                     values["split"])
     counts = build_onpolicy_pairs(model, tokenizer, samples, builder, image_config, Path(values["out"]), options)
     print(f"[onpolicy_pairs] {counts['pairs']} pairs from {counts['studies']} studies "
           f"({counts['drawn_with_hallucination']} of {counts['drawn']} drawn reports hallucinate) -> {values['out']}")

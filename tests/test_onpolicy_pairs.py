@@ -113,7 +113,11 @@ def test_no_hallucinated_draw_is_an_error_and_writes_nothing(tiny, tmp_path, mon
 @pytest.mark.parametrize("argv,message", [(["checkpoint=x"], "out= required"),
                                           (["out=y.jsonl"], "checkpoint= required"),
                                           (["checkpoint"], "expected key=value"),
-                                          (["checkpoint=x", "out=y", "num_samples=0"], "num_samples must be")])
+                                          (["checkpoint=x", "out=y", "num_samples=0"], "num_samples must be"),
+                                          (["checkpoint=x", "out=y", "temperature=hot"],
+                                           "'temperature': expected a number, got 'hot'"),
+                                          (["checkpoint=x", "out=y", "top_k=0.5"], "'top_k': expected an integer"),
+                                          (["checkpoint=/nonexistent/step-000001", "out=y"], "not a directory")])
 def test_cli_argument_errors(argv, message, capsys):
     assert onpolicy_pairs.main(argv) == 2
     assert message in capsys.readouterr().err
