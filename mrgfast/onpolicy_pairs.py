@@ -118,7 +118,7 @@ def main(argv=None) -> int:
         print(f"mrgfast.onpolicy_pairs: {' and '.join(k + '=' for k in missing)} required", file=sys.stderr)
         return 2
     from mrgfast.training.config_parse import convert
-    kinds = {f.name: {"int": int, "float": float}.get(f.type, f.type) for f in dataclasses.fields(PairOptions)}
+    kinds = {f.name: f.type for f in dataclasses.fields(PairOptions)}
     try:
         options = PairOptions(**{k: convert(v, kinds[k], k) for k, v in values.items() if k in kinds})
         model, tokenizer, builder, image_config, samples = load_for_eval(values["checkpoint"], overrides,

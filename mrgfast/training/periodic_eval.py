@@ -45,9 +45,9 @@ class PeriodicEval:
     before training starts."""
 
     def __init__(self, config: TrainConfig, output_dir: Path, resume_step: Optional[int] = None):
+        from mrgfast.evaluate import metric_cleaning
         self.section = config.eval
         self.output_dir = Path(output_dir)
-        from mrgfast.evaluate import metric_cleaning
         self.samples = eval_samples(config)
         self.clean = metric_cleaning(config)
         # A resumed run redoes the steps after its checkpoint: their lines go, as in the training log.
@@ -64,7 +64,8 @@ class PeriodicEval:
             metrics = evaluate_model(model, tokenizer, self.samples, builder, image_config,
                                      batch_size=self.section.batch_size, num_beams=self.section.num_beams,
                                      max_new_tokens=self.section.max_new_tokens, meteor=self.section.meteor,
-                                     clean=self.clean, output_dir=self.output_dir, name=f"eval-step-{step:06d}", log=None)
+                                     clean=self.clean, output_dir=self.output_dir, name=f"eval-step-{step:06d}",
+                                     log=None)
         finally:
             restore_rng_state(state, "the state before evaluation")
         flat = flatten_metrics(metrics)

@@ -250,11 +250,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def become_rank(rank: int, world: int) -> None:
+    """Set up a spawned process as torchrun would for rank `rank` of `world` on this host (MASTER_PORT: the caller's),
+    with one torch thread so the two ranks do not fight over the cores."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
+    torch.set_num_threads(1)
+
+
 def gloo_worker(rank, world, ports, configs, queue):
     """One rank of the 2-process runs (torch.multiprocessing target): trains each config in turn, each in a
     fresh process group on its own port (re-using one port right after teardown can race)."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
-    torch.set_num_threads(1)
+    become_rank(rank, world)
     from mrgfast.training.config import TrainConfig
     from mrgfast.training.config_parse import build
     from torch.distributed.tensor import DTensor
@@ -313,9 +319,8 @@ def test_two_processes_ddp_and_fsdp2_match_one_process(cache, tmp_path):
 def cli_worker(rank, world, port, argv, queue):
     """One rank of a 2-process `python -m mrgfast.train` run: main()'s exit code and the process group threads
     still running once it has returned."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    become_rank(rank, world)
+    os.environ["MASTER_PORT"] = str(port)
     from tests.training.dist_worker import communication_threads
     code = main(argv)
     queue.put((rank, (code, communication_threads())))
