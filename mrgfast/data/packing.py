@@ -4,7 +4,8 @@ SFT batches pack whole samples (first-fit-decreasing) and close every row with a
 token tensors keep one shape for CUDA graphs. DPO batches come in two layouts: "shared" packs each pair as
 `[prompt, chosen, rejected]` with the prompt once (the rejected answer attends to the prompt through a
 gathered key stream, see AttentionLayout), "padded" is TRL's: chosen and rejected as two full rows.
-Either feeds `mrgfast.losses.fused_dpo_loss` through `dpo_loss_inputs`.
+Either feeds `mrgfast.losses.fused_dpo_loss` through `PackedBatch.dpo_targets` and
+`mrgfast.losses.dpo_loss_inputs`.
 """
 
 import dataclasses
@@ -16,9 +17,7 @@ import torch
 from torch import Tensor
 
 from mrgfast.data.prompts import Span, TokenizedPair, TokenizedSample
-from mrgfast.models.attention import AttentionLayout, OutputRows
-from mrgfast.ops.linear_cross_entropy import linear_logprobs
-from mrgfast.ops.sequence_logprobs import sequence_logprobs
+from mrgfast.layout import AttentionLayout, OutputRows
 
 IGNORE_INDEX = -100
 OVERFLOW = ("truncate", "error")
@@ -207,7 +206,7 @@ class PackedBatch:
     says which sample (index into sample_ids) each token belongs to, -1 for padding. DPO batches add
     `layout` (shared prompts) and dpo_index/dpo_labels/dpo_cu_seqlens: the flat positions that predict
     each chosen then each rejected completion token, the tokens, and the 2P sequence bounds (see
-    dpo_loss_inputs). `slot_index` replaces `spans` in static batches (see make_static). `loss_rows`, when
+    dpo_targets). `slot_index` replaces `spans` in static batches (see make_static). `loss_rows`, when
     set (mrgfast.training.steps.prepare builds it on the host), are the rows the SFT loss reads, from each
     document's first supervised position to its end: the decoder returns only their hidden states (its last
     block and the LM head run on them alone).
@@ -260,6 +259,16 @@ class PackedBatch:
                                    position_ids=self.position_ids[..., :width].contiguous(),
                                    cu_seqlens=torch.tensor(cut, dtype=self.cu_seqlens.dtype),
                                    sample_index=self.sample_index[:, :width].contiguous(), spans=spans)
+
+    def dpo_targets(self, hidden: Tensor) -> tuple:
+        """(dpo_index, dpo_labels, dpo_cu_seqlens) on `hidden`'s device, for mrgfast.losses.dpo_loss_inputs; ValueError
+        unless this is a DPOCollator batch and `hidden` [rows, budget, D] is the decoder's output on it."""
+        if self.dpo_index is None:
+            raise ValueError("dpo_targets needs a batch from DPOCollator (this one has no dpo_index)")
+        if hidden.shape[:-1] != self.input_ids.shape:
+            raise ValueError(f"hidden must be [{', '.join(map(str, self.input_ids.shape))}, D] like the batch's "
+                             f"input_ids, got {tuple(hidden.shape)}")
+        return tuple(t.to(hidden.device) for t in (self.dpo_index, self.dpo_labels, self.dpo_cu_seqlens))
 
     def span_index(self, kind: str) -> Tensor:
         """Flat positions [n] of every `kind` placeholder token, by sample then image/slot: where the adapter's
@@ -594,36 +603,3 @@ def dpo_fields(chosen: list, rejected: list) -> dict:
     bounds = np.concatenate([[0], np.cumsum([len(tokens) for _, tokens in scored])]).astype(np.int32)
     return dict(dpo_index=torch.tensor(index, dtype=torch.long), dpo_labels=torch.tensor(labels, dtype=torch.long),
                 dpo_cu_seqlens=torch.from_numpy(bounds))
-
-
-def dpo_loss_inputs(batch: PackedBatch, hidden: Tensor, ref_hidden: Optional[Tensor] = None) -> dict:
-    """Keyword arguments of fused_dpo_loss (hidden, labels, cu_seqlens[, ref_hidden]) for a DPO batch.
-
-    hidden [rows, budget, D] is the decoder's output on the batch; the rows scoring each answer token are
-    gathered (in the shared layout the prompt's last position scores both answers' first tokens), P chosen
-    sequences then P rejected, as fused_dpo_loss expects.
-    """
-    if batch.dpo_index is None:
-        raise ValueError("dpo_loss_inputs needs a batch from DPOCollator (this one has no dpo_index)")
-    if hidden.shape[:-1] != batch.input_ids.shape:
-        raise ValueError(f"hidden must be [{', '.join(map(str, batch.input_ids.shape))}, D] like the batch's "
-                         f"input_ids, got {tuple(hidden.shape)}")
-    index = batch.dpo_index.to(hidden.device)
-    out = dict(hidden=hidden.reshape(-1, hidden.shape[-1]).index_select(0, index),
-               labels=batch.dpo_labels.to(hidden.device), cu_seqlens=batch.dpo_cu_seqlens.to(hidden.device))
-    if ref_hidden is not None:
-        if ref_hidden.shape != hidden.shape:
-            raise ValueError(f"ref_hidden must have hidden's shape {tuple(hidden.shape)}, "
-                             f"got {tuple(ref_hidden.shape)}")
-        out["ref_hidden"] = ref_hidden.reshape(-1, ref_hidden.shape[-1]).index_select(0, index)
-    return out
-
-
-def dpo_sequence_logps(batch: PackedBatch, hidden: Tensor, weight: Tensor, bias: Optional[Tensor] = None):
-    """(chosen [P], rejected [P]) summed answer log-probs of a DPO batch, without full logits (e.g. to
-    precompute reference log-probs for fused_dpo_loss's ref_logps)."""
-    inputs = dpo_loss_inputs(batch, hidden)
-    token_logps = linear_logprobs(inputs["hidden"], weight, inputs["labels"], bias)
-    logps = sequence_logprobs(token_logps, inputs["cu_seqlens"])
-    half = logps.shape[0] // 2
-    return logps[:half], logps[half:]

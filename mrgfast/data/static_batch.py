@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from mrgfast.data.packing import PackedBatch, span_positions, spans_in_order
-from mrgfast.models.attention import AttentionLayout, Segments
+from mrgfast.layout import AttentionLayout, Segments
 
 
 @dataclasses.dataclass(frozen=True)

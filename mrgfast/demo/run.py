@@ -115,7 +115,8 @@ def stage_config(base: BaseModels, options: DemoOptions, mode: str, output_dir: 
 def sft_reference_logps(config) -> Path:
     """Write DPO's reference log-probs ({pair id: [chosen, rejected]}) from the SFT model with its adapters on, where
     the trainer's `dpo.reference=precomputed` reads them; returns the file."""
-    from mrgfast.data.packing import PackedBatchSampler, dpo_sequence_logps
+    from mrgfast.data.packing import PackedBatchSampler
+    from mrgfast.losses.dpo_inputs import dpo_sequence_logps
     from mrgfast.training.build import build_all
     from mrgfast.training.steps import prepare, save_reference_logps
     device = torch.device("cpu")
@@ -127,7 +128,8 @@ def sft_reference_logps(config) -> Path:
     logps = {}
     for group in order.batches():
         batch = prepare(pieces.collator([pieces.dataset[i] for i in group]), device)
-        chosen, rejected = dpo_sequence_logps(batch, model(batch), head.weight, head.bias)
+        hidden = model(batch)
+        chosen, rejected = dpo_sequence_logps(hidden, *batch.dpo_targets(hidden), head.weight, head.bias)
         for sample_id, c, r in zip(batch.sample_ids[:chosen.shape[0]], chosen, rejected):
             logps[str(sample_id)] = torch.stack([c, r]).float()
     path = Path(config.dpo.reference_logps_path)

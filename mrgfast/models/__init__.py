@@ -6,33 +6,22 @@
 - `load_decoder(path, dtype=None, device=None)`: a Decoder from an HF directory (safetensors, sharded or not).
 - `generate(decoder, input_ids | inputs_embeds, attention_mask, max_new_tokens=..., eos_token_id=...,
   num_beams=1)`: greedy or beam search with a KV cache, batched, any padding side.
-- `varlen_attention`: the one attention function (flash-attn / torch varlen on CUDA, per-document SDPA);
-  `AttentionLayout`: which keys each packed document's queries see (causal documents, shared DPO prompts).
+- `varlen_attention`: the one attention function (flash-attn / torch varlen on CUDA, per-document SDPA), over the
+  packed-stream types of `mrgfast.layout` (`Segments`, `AttentionLayout`, `OutputRows`).
 - `VisionTower.from_pretrained(path)`: CLIP / SigLIP / Qwen2-VL vision encoders -> `VisionFeatures` (+ grid);
   `Qwen2VLMerger`: Qwen2-VL's merger as a trainable adapter; `ViT` / `ViT3D`: small encoders trained from scratch.
 """
 
-from mrgfast.models.attention import AttentionLayout, Segments, varlen_attention
+from mrgfast.models.attention import varlen_attention
 from mrgfast.models.config import DecoderConfig
 from mrgfast.models.decoder import Decoder
+from mrgfast.models.feature_cache import FeatureCache
 from mrgfast.models.generation import KVCache, generate
 from mrgfast.models.loading import load_decoder
+from mrgfast.models.multimodal import AdapterSpec, MultimodalLM, register_adapter
 from mrgfast.models.vision import Qwen2VLMerger, VisionFeatures, VisionTower, qwen2_vl_patchify
 from mrgfast.models.vit import ViT, ViT3D
 
-__all__ = ["AttentionLayout", "Decoder", "DecoderConfig", "KVCache", "Qwen2VLMerger", "Segments", "ViT", "ViT3D",
-           "VisionFeatures", "VisionTower", "generate", "load_decoder", "qwen2_vl_patchify", "varlen_attention"]
-
-# Multimodal assembly, imported on first use: mrgfast.models.multimodal imports mrgfast.data.packing, which imports
-# mrgfast.models.attention, so an eager import here would be circular when mrgfast.data is imported first.
-_LAZY = {"MultimodalLM": "mrgfast.models.multimodal", "AdapterSpec": "mrgfast.models.multimodal",
-         "register_adapter": "mrgfast.models.multimodal", "FeatureCache": "mrgfast.models.feature_cache"}
-__all__ += sorted(_LAZY)
-
-
-def __getattr__(name):
-    """MultimodalLM, AdapterSpec, register_adapter and FeatureCache, imported when first asked for."""
-    if name in _LAZY:
-        import importlib
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'mrgfast.models' has no attribute {name!r}")
+__all__ = ["AdapterSpec", "Decoder", "DecoderConfig", "FeatureCache", "KVCache", "MultimodalLM", "Qwen2VLMerger", "ViT",
+           "ViT3D", "VisionFeatures", "VisionTower", "generate", "load_decoder", "qwen2_vl_patchify", "register_adapter",
+           "varlen_attention"]

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from mrgfast.models.attention import AttentionLayout, OutputRows, Segments, varlen_attention
+from mrgfast.layout import AttentionLayout, OutputRows, Segments
+from mrgfast.models.attention import varlen_attention
 from mrgfast.models.config import DecoderConfig
 from mrgfast.models.rope import RotaryEmbedding, apply_rope
 

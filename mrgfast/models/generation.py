@@ -5,7 +5,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from mrgfast.models.attention import Segments
+from mrgfast.layout import Segments
 from mrgfast.models.decoder import Decoder
 
 NEG = -1.0e9  # HF's "impossible" score; kept identical so beam choices match transformers' beam search

@@ -13,10 +13,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from mrgfast.data.packing import IGNORE_INDEX, PackedBatch, dpo_loss_inputs, dpo_sequence_logps
+from mrgfast.data.packing import IGNORE_INDEX, PackedBatch
 from mrgfast.data.static_batch import StaticShape, make_static
+from mrgfast.losses.dpo_inputs import dpo_loss_inputs, dpo_sequence_logps
 from mrgfast.losses.fused_dpo import fused_dpo_loss
-from mrgfast.models.attention import AttentionLayout, OutputRows, Segments
+from mrgfast.layout import AttentionLayout, OutputRows, Segments
 from mrgfast.models.feature_cache import tensor_digest
 from mrgfast.ops.linear_cross_entropy import linear_cross_entropy
 from mrgfast.peft import disable_adapters
@@ -138,8 +139,9 @@ def dpo_loss(model: nn.Module, micro: MicroBatch, settings: StepSettings) -> tup
         core = unwrap(model)
         with torch.no_grad(), disable_adapters(core.decoder):
             ref_hidden = core(micro.batch)
-    inputs = dpo_loss_inputs(micro.batch, hidden.to(weight.dtype),
-                             None if ref_hidden is None else ref_hidden.to(weight.dtype))
+    hidden = hidden.to(weight.dtype)
+    inputs = dpo_loss_inputs(hidden, *micro.batch.dpo_targets(hidden),
+                             ref_hidden=None if ref_hidden is None else ref_hidden.to(weight.dtype))
     loss, metrics = fused_dpo_loss(**inputs, weight=weight, bias=bias, ref_logps=micro.ref_logps,
                                    beta=settings.beta, loss_type=settings.loss_type,
                                    label_smoothing=settings.label_smoothing, loss_weights=settings.loss_weights)
@@ -201,7 +203,8 @@ def precompute_reference_logps(model: nn.Module, batches, device: torch.device,
                 with autocast(device, autocast_dtype):
                     hidden = model(batch)
                 weight, bias = model.decoder.lm_head.weight, model.decoder.lm_head.bias
-                chosen, rejected = dpo_sequence_logps(batch, hidden.to(weight.dtype), weight, bias)
+                hidden = hidden.to(weight.dtype)
+                chosen, rejected = dpo_sequence_logps(hidden, *batch.dpo_targets(hidden), weight, bias)
                 ids = batch.sample_ids[:chosen.shape[0]]  # padded layout lists each pair's id twice
                 for sample_id, c, r in zip(ids, chosen.cpu(), rejected.cpu()):
                     out[str(sample_id)] = torch.stack([c, r]).float()

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from mrgfast.data.packing import (DPOCollator, PackedBatchSampler, PackingCollator, dpo_loss_inputs,
-                                  dpo_sequence_logps, first_fit_decreasing, plan_batches, sequence_positions,
-                                  shifted_labels)
+from mrgfast.data.packing import (DPOCollator, PackedBatchSampler, PackingCollator, first_fit_decreasing,
+                                  plan_batches, sequence_positions, shifted_labels)
 from mrgfast.data.prompts import PromptBuilder, TokenizedSample
 from mrgfast.data.synthetic import demo_samples
 from mrgfast.data.tokenizer import build_demo_tokenizer
-from mrgfast.losses import fused_dpo_loss
-from mrgfast.models import AttentionLayout, Decoder, DecoderConfig
+from mrgfast.losses import dpo_loss_inputs, dpo_sequence_logps, fused_dpo_loss
+from mrgfast.layout import AttentionLayout
+from mrgfast.models import Decoder, DecoderConfig
 from mrgfast.ops.linear_cross_entropy import linear_cross_entropy
 from tests.data.test_tokenizer import demo_texts
 
@@ -303,7 +303,7 @@ def test_shared_prompt_dpo_equals_separate_sequences(tok, pairs_samples, mrope):
     results = {}
     for name, batch in (("shared", shared), ("padded", padded)):
         hidden = decoder(input_ids=batch.input_ids, **batch.decoder_inputs())
-        chosen, rejected = dpo_sequence_logps(batch, hidden, decoder.lm_head.weight)
+        chosen, rejected = dpo_sequence_logps(hidden, *batch.dpo_targets(hidden), decoder.lm_head.weight)
         order = [[p.sample_id for p in pairs].index(i) for i in batch.sample_ids[:len(pairs)]]
         back = torch.tensor(order).argsort()  # batch order -> pair order
         chosen, rejected = chosen[back], rejected[back]
@@ -334,7 +334,8 @@ def test_both_dpo_layouts_feed_fused_dpo_loss_alike(tok, pairs_samples):
         with torch.no_grad():
             ref_hidden = reference(input_ids=batch.input_ids, **batch.decoder_inputs())
         hidden = policy(input_ids=batch.input_ids, **batch.decoder_inputs())
-        loss, metrics = fused_dpo_loss(**dpo_loss_inputs(batch, hidden, ref_hidden), weight=policy.lm_head.weight,
+        inputs = dpo_loss_inputs(hidden, *batch.dpo_targets(hidden), ref_hidden=ref_hidden)
+        loss, metrics = fused_dpo_loss(**inputs, weight=policy.lm_head.weight,
                                        ref_weight=reference.lm_head.weight, beta=0.1)
         losses.append((loss, metrics, sorted(batch.sample_ids[:3])))
     (shared, shared_metrics, ids_a), (padded, padded_metrics, ids_b) = losses
@@ -374,6 +375,8 @@ def test_layout_checks_and_default_positions(tok, pairs_samples):
         DPOCollator(len(pair.full("chosen")), layout="padded", builder=builder)(
             [dataclasses.replace(pair, rejected_ids=pair.rejected_ids + pair.chosen_ids)])
     with pytest.raises(ValueError, match="needs a batch from DPOCollator"):
-        dpo_loss_inputs(PackingCollator(64, builder=builder)([pairs_samples[0]]), torch.zeros(1, 64, 32))
+        PackingCollator(64, builder=builder)([pairs_samples[0]]).dpo_targets(torch.zeros(1, 64, 32))
+    with pytest.raises(ValueError, match=r"hidden must be \[1, \d+, D\] like the batch's input_ids"):
+        batch.dpo_targets(torch.zeros(1, n + 1, 32))
     with pytest.raises(ValueError, match="layout must be one of"):
         DPOCollator(64, layout="interleaved", builder=builder)

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from mrgfast.models.attention import AttentionLayout, Segments, attention_backend, varlen_attention
+from mrgfast.layout import AttentionLayout, Segments
+from mrgfast.models.attention import attention_backend, varlen_attention
 
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 

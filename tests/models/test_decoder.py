@@ -7,7 +7,7 @@ import torch
 
 from mrgfast.layers import LoRALinear
 from mrgfast.models import load_decoder
-from mrgfast.models.attention import OutputRows, Segments
+from mrgfast.layout import OutputRows, Segments
 from mrgfast.peft import LoraConfig, apply_lora, save_adapter
 from tests.models.tiny_hf import TEXT_MODELS, hf_logits, our_logits, random_ids, vl_embeds_and_positions, vl_inputs
 
