@@ -7,7 +7,7 @@ closed/open. The CLI rebuilds the model of a training run from its resolved conf
 adapter and trainable weights, and writes eval.json, generations.jsonl and a one-screen table.
 """
 
-import copy
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -15,16 +15,17 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from mrgfast.assemble.evaluation import checkpoint_config, metric_cleaning, prepare_eval
+from mrgfast.config import parse_command_line
 from mrgfast.data.dataset import MedicalDataset
 from mrgfast.data.images import ImageConfig
 from mrgfast.data.labeler import OBSERVATIONS, label_report
-from mrgfast.data.text import clean_report_iu_xray, clean_report_mimic_cxr
+from mrgfast.data.text import clean_report_iu_xray
 from mrgfast.data.volumes import VolumeConfig
-from mrgfast.metrics import (clinical_metrics, format_table, hallucination_rate, java_available, report_metrics,
+from mrgfast.metrics import (clinical_metrics, format_table, hallucination_rate, report_metrics,
                              vqa_accuracy, write_eval_json, write_generations)
 
-__all__ = ["SUMMARY_METRICS", "evaluate_model", "java_available", "main", "metric_cleaning", "prepare_eval",
-           "report_metrics", "summary_table"]
+__all__ = ["EvalOptions", "SUMMARY_METRICS", "evaluate_model", "generate_texts", "main", "summary_table"]
 
 REPORT_TASKS = ("report", "caption")
 EVAL_NAME = "eval"  # -> eval.json and eval.generations.jsonl
@@ -149,93 +150,29 @@ def summary_table(results: dict) -> str:
 
 # ------------------------------------------------------------------------------------------------------ CLI
 
-CLI_KEYS = ("checkpoint", "split", "num_beams", "max_new_tokens", "batch_size", "limit", "meteor", "output_dir")
+@dataclasses.dataclass
+class EvalOptions:
+    """What `python -m mrgfast.evaluate` takes besides training-config keys (which re-read the run's data/model)."""
+
+    checkpoint: str = dataclasses.field(metadata={"help": "a step-XXXXXX directory written by mrgfast.train"})
+    split: str = "test"
+    num_beams: int = 1
+    max_new_tokens: int = 100
+    batch_size: int = 16
+    limit: Optional[int] = None
+    meteor: bool = True
+    output_dir: Optional[str] = None
+
+    def __post_init__(self):
+        for key in ("num_beams", "max_new_tokens", "batch_size", "limit"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"{key}={value}: expected an integer >= 1")
 
 
 def parse_args(argv: Sequence[str]) -> tuple:
-    """(evaluation options, training-config overrides) from `key=value` arguments; checkpoint= is required."""
-    options = {"split": "test", "num_beams": 1, "max_new_tokens": 100, "batch_size": 16, "limit": None,
-               "meteor": True, "output_dir": None}
-    overrides = []
-    for item in argv:
-        if "=" not in item:
-            raise ValueError(f"argument {item!r}: expected key=value (checkpoint=PATH, split=test, num_beams=3, ...)")
-        key, value = item.split("=", 1)
-        key = key.lstrip("-")
-        if key == "data":  # `data=PATH`: shorthand for the data root / annotation file
-            overrides.append(f"data.path={value}")
-        elif key in CLI_KEYS:
-            options[key] = value
-        else:
-            overrides.append(f"{key}={value}")  # a training-config key (model.*, data.*, ...)
-    if "checkpoint" not in options:
-        raise ValueError("checkpoint=PATH is required: a step-XXXXXX directory written by mrgfast.train")
-    from mrgfast.training.config_parse import convert
-    for key, kind in (("num_beams", int), ("max_new_tokens", int), ("batch_size", int), ("limit", Optional[int])):
-        options[key] = convert(options[key], kind, key)
-        if options[key] is not None and options[key] < 1:
-            raise ValueError(f"{key}={options[key]}: expected an integer >= 1")
-    options["meteor"] = convert(options["meteor"], bool, "meteor")  # a typo is an error, not a silent 'false'
-    return options, overrides
-
-
-def run_config(checkpoint: Path, overrides: Sequence[str]):
-    """The training config of the run that wrote `checkpoint` (its output_dir's config.yaml), with overrides."""
-    from mrgfast.training.config import RESOLVED_NAME, load_config
-    for directory in (checkpoint, checkpoint.parent):
-        if (directory / RESOLVED_NAME).is_file():
-            return load_config(directory / RESOLVED_NAME, overrides)
-    raise FileNotFoundError(f"no {RESOLVED_NAME} in {checkpoint} or {checkpoint.parent}: the checkpoint must sit in "
-                            "the output_dir of an mrgfast.train run")
-
-
-def prepare_eval(config, split: str = "test", checkpoint=None):
-    """(model of `config` in eval mode, tokenizer, builder, media config (the ImageConfig, or the VolumeConfig of a
-    CT recipe), samples of `split`); with `checkpoint`, its adapter and trainable weights are loaded, else the
-    adapters stay at their initialisation (the untrained baseline)."""
-    from mrgfast.data import PromptBuilder
-    from mrgfast.training.build import (TEMPLATES, build_model, build_tokenizer, load_initial_weights, read_samples,
-                                        synthetic_root)
-    from mrgfast.training.rng import seed_everything
-    config = copy.deepcopy(config)
-    # Evaluation reads the report/VQA split (a DPO run trained on preference pairs: score its reports).
-    config.mode, config.data.split, config.model.init_from = "sft", split, None
-    root = synthetic_root(config) if config.data.dataset == "synthetic" else None
-    tokenizer = build_tokenizer(config, root)
-    samples = read_samples(config, root)
-    if not samples:
-        raise ValueError(f"no samples in split {split!r} of {config.data.path or root}")
-    seed_everything(config.seed)  # adapters at init are the ones train() starts from with this seed
-    parts = build_model(config, tokenizer.vocab_size, len(samples[0].image_paths))
-    if checkpoint is not None:
-        load_initial_weights(parts.model, Path(checkpoint))
-    builder = PromptBuilder(tokenizer, TEMPLATES[config.model.recipe], **parts.builder_kwargs)
-    media = parts.volume_config if parts.volume_config is not None else parts.image_config
-    return parts.model.eval(), tokenizer, builder, media, samples
-
-
-def metric_cleaning(config) -> Callable[[str], str]:
-    """The R2Gen cleaning the report metrics of a run use: MIMIC-CXR's for MIMIC-CXR text, IU-Xray's otherwise.
-
-    R2Gen scores each dataset on text cleaned by that dataset's own function; MIMIC-CXR's also turns line breaks
-    into spaces and collapses runs of '_' and spaces, which IU-Xray's would leave in raw MIMIC text.
-    """
-    data = config.data
-    mimic = data.clean == "mimic_cxr" or (data.dataset == "mimic_cxr" and data.clean != "iu_xray")
-    return clean_report_mimic_cxr if mimic else clean_report_iu_xray
-
-
-def checkpoint_config(checkpoint, overrides: Sequence[str] = ()):
-    """The config of the run that wrote the training checkpoint directory `checkpoint`, with overrides."""
-    checkpoint = Path(checkpoint)
-    if not checkpoint.is_dir():
-        raise FileNotFoundError(f"checkpoint={checkpoint}: not a directory")
-    return run_config(checkpoint, list(overrides))
-
-
-def load_for_eval(checkpoint, overrides: Sequence[str] = (), split: str = "test"):
-    """prepare_eval for a training checkpoint directory, with the config of the run that wrote it."""
-    return prepare_eval(checkpoint_config(checkpoint, overrides), split, Path(checkpoint))
+    """(EvalOptions, training-config overrides) from `key=value` arguments (`data=PATH`: data.path)."""
+    return parse_command_line(argv, EvalOptions, aliases={"data": "data.path"})
 
 
 def main(argv=None) -> int:
@@ -243,19 +180,18 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         options, overrides = parse_args(argv)
-        config = checkpoint_config(options["checkpoint"], overrides)
-        model, tokenizer, builder, image_config, samples = prepare_eval(config, options["split"],
-                                                                        Path(options["checkpoint"]))
+        config = checkpoint_config(options.checkpoint, overrides)
+        model, tokenizer, builder, image_config, samples = prepare_eval(config, options.split, Path(options.checkpoint))
     except (ValueError, FileNotFoundError) as err:
         print(f"mrgfast.evaluate: {err}", file=sys.stderr)
         return 2
-    if options["limit"] is not None:
-        samples = samples[:options["limit"]]
-    out = Path(options["output_dir"] or Path(options["checkpoint"]) / "eval")
-    metrics = evaluate_model(model, tokenizer, samples, builder, image_config, batch_size=options["batch_size"],
-                             num_beams=options["num_beams"], max_new_tokens=options["max_new_tokens"],
-                             meteor=options["meteor"], clean=metric_cleaning(config), output_dir=out, name=EVAL_NAME)
-    print(summary_table({Path(options["checkpoint"]).name: metrics}))
+    if options.limit is not None:
+        samples = samples[:options.limit]
+    out = Path(options.output_dir or Path(options.checkpoint) / "eval")
+    metrics = evaluate_model(model, tokenizer, samples, builder, image_config, batch_size=options.batch_size,
+                             num_beams=options.num_beams, max_new_tokens=options.max_new_tokens,
+                             meteor=options.meteor, clean=metric_cleaning(config), output_dir=out, name=EVAL_NAME)
+    print(summary_table({Path(options.checkpoint).name: metrics}))
     print(f"mrgfast.evaluate: wrote {out / (EVAL_NAME + '.json')} and {out / (EVAL_NAME + '.' + GENERATIONS)}")
     return 0
 

@@ -15,6 +15,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from mrgfast.assemble.evaluation import load_for_eval
+from mrgfast.config import parse_command_line
 from mrgfast.data.labeler import label_report
 from mrgfast.data.text import clean_report_iu_xray
 from mrgfast.evaluate import HALLUCINATION_FINDINGS, generate_texts
@@ -95,40 +97,29 @@ def build_onpolicy_pairs(model, tokenizer, samples: Sequence, builder, image_con
     return counts
 
 
-CLI_KEYS = ("checkpoint", "out", "split") + tuple(f.name for f in dataclasses.fields(PairOptions))
+@dataclasses.dataclass(kw_only=True)
+class PairsCommand(PairOptions):
+    """What `python -m mrgfast.onpolicy_pairs` takes besides training-config keys: PairOptions, the checkpoint, the
+    output file and the split to draw for (train by default)."""
+
+    checkpoint: str = dataclasses.field(metadata={"help": "a step-XXXXXX directory written by mrgfast.train"})
+    out: str = dataclasses.field(metadata={"help": "the pairs JSONL to write"})
+    split: str = "train"
 
 
 def main(argv=None) -> int:
     """Command-line entry: draw from a checkpoint's model on a split (default train), write the pairs JSONL."""
-    from mrgfast.evaluate import load_for_eval
     argv = sys.argv[1:] if argv is None else list(argv)
-    values, overrides = {"split": "train"}, []
-    for item in argv:
-        key, sep, value = item.partition("=")
-        key = key.lstrip("-")
-        if not sep:
-            print(f"mrgfast.onpolicy_pairs: argument {item!r}: expected key=value", file=sys.stderr)
-            return 2
-        if key in CLI_KEYS:
-            values[key] = value
-        else:
-            overrides.append(item)  # a training-config key (data.*, model.*)
-    missing = [k for k in ("checkpoint", "out") if k not in values]
-    if missing:
-        print(f"mrgfast.onpolicy_pairs: {' and '.join(k + '=' for k in missing)} required", file=sys.stderr)
-        return 2
-    from mrgfast.training.config_parse import convert
-    kinds = {f.name: f.type for f in dataclasses.fields(PairOptions)}
     try:
-        options = PairOptions(**{k: convert(v, kinds[k], k) for k, v in values.items() if k in kinds})
-        model, tokenizer, builder, image_config, samples = load_for_eval(values["checkpoint"], overrides,
-                                                                         values["split"])
+        command, overrides = parse_command_line(argv, PairsCommand)
+        model, tokenizer, builder, image_config, samples = load_for_eval(command.checkpoint, overrides, command.split)
     except (ValueError, FileNotFoundError) as err:
         print(f"mrgfast.onpolicy_pairs: {err}", file=sys.stderr)
         return 2
-    counts = build_onpolicy_pairs(model, tokenizer, samples, builder, image_config, Path(values["out"]), options)
+    options = PairOptions(**{f.name: getattr(command, f.name) for f in dataclasses.fields(PairOptions)})
+    counts = build_onpolicy_pairs(model, tokenizer, samples, builder, image_config, Path(command.out), options)
     print(f"[onpolicy_pairs] {counts['pairs']} pairs from {counts['studies']} studies "
-          f"({counts['drawn_with_hallucination']} of {counts['drawn']} drawn reports hallucinate) -> {values['out']}")
+          f"({counts['drawn_with_hallucination']} of {counts['drawn']} drawn reports hallucinate) -> {command.out}")
     return 0
 
 

@@ -9,7 +9,8 @@ import torch
 
 from mrgfast.data import load_tokenizer
 from mrgfast.demo import base_models
-from mrgfast.demo.base_models import FAST_SETTINGS, load_demo_vit, prepare_base_models
+from mrgfast.demo.base_models import FAST_SETTINGS, prepare_base_models
+from mrgfast.models.vit_io import load_vit
 from mrgfast.demo.run import DemoOptions, parse_options, run_demo
 from mrgfast.models import load_decoder
 
@@ -77,9 +78,9 @@ def test_base_models_load_and_match_transformers_llama(demo):
 
 
 def test_vit_round_trip_and_bad_directory(demo, tmp_path):
-    """load_demo_vit rebuilds the saved ViT (same features) with its image config; a wrong directory raises."""
+    """load_vit rebuilds the saved ViT (same features) with its image config; a wrong directory raises."""
     base = prepare_base_models(demo["options"].cache_dir, demo["options"].seed, FAST_SETTINGS, log=lambda _: None)
-    vit, image_config, config = load_demo_vit(base.vision_dir)
+    vit, image_config, config = load_vit(base.vision_dir)
     fresh = base_models.build_vit(FAST_SETTINGS)
     fresh.load_state_dict(vit.state_dict())
     images = torch.randn(2, 1, FAST_SETTINGS.vit_input, FAST_SETTINGS.vit_input)
@@ -88,10 +89,10 @@ def test_vit_round_trip_and_bad_directory(demo, tmp_path):
     assert config["image_tokens"] == FAST_SETTINGS.image_tokens
     assert not any(p.requires_grad for p in vit.parameters())
     with pytest.raises(FileNotFoundError, match="vit_config.json"):
-        load_demo_vit(tmp_path)
+        load_vit(tmp_path)
     (tmp_path / "vit_config.json").write_text(json.dumps({"model_type": "other"}))
     with pytest.raises(ValueError, match="mrgfast_vit"):
-        load_demo_vit(tmp_path)
+        load_vit(tmp_path)
 
 
 def test_cache_is_reused_and_keyed_by_settings(demo):

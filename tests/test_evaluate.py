@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from mrgfast import evaluate
+from mrgfast.assemble.evaluation import load_for_eval, metric_cleaning
 from mrgfast.data import PromptBuilder, clean_report_iu_xray, clean_report_mimic_cxr, label_report
 from mrgfast.data.dataset import MedicalDataset
 from mrgfast.data.packing import PlacedSpan
 from mrgfast.data.synthetic import demo_samples, generate_demo
-from mrgfast.metrics import clinical_metrics, report_metrics, vqa_accuracy
-from mrgfast.training.config import load_config
+from mrgfast.config import load_config
+from mrgfast.metrics import clinical_metrics, java_available, report_metrics, vqa_accuracy
 from tests.tiny_multimodal import IMAGE, tiny_lm_with_tokenizer
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -109,7 +110,7 @@ def test_every_metric_key_and_the_wiring(tiny, tmp_path):
     assert "report/BLEU_4" in table and "clinical/macro_f1" in table and len(table.splitlines()) < 25
 
 
-@pytest.mark.skipif(not evaluate.java_available(), reason="METEOR needs java")
+@pytest.mark.skipif(not java_available(), reason="METEOR needs java")
 def test_meteor_with_java(tiny):
     """With Java, METEOR joins the report metrics."""
     reports = tiny["samples"][:2]
@@ -127,7 +128,7 @@ def test_bad_arguments_raise(tiny):
                                 batch_size=0)
     with pytest.raises(ValueError, match="evaluate each dataset on its own"):
         evaluate.evaluate_model(tiny["model"], tiny["tokenizer"], tiny["samples"] + tiny["vqa"], tiny["builder"], IMAGE)
-    with pytest.raises(ValueError, match="checkpoint=PATH is required"):
+    with pytest.raises(ValueError, match="checkpoint= required: a step-XXXXXX directory"):
         evaluate.parse_args(["split=test"])
     with pytest.raises(ValueError, match="key=value"):
         evaluate.parse_args(["checkpoint"])
@@ -138,8 +139,10 @@ def test_bad_arguments_raise(tiny):
             evaluate.parse_args(["checkpoint=x", f"{key}=0"])
     with pytest.raises(ValueError, match="'meteor': expected true or false, got 'flase'"):
         evaluate.parse_args(["checkpoint=x", "meteor=flase"])
-    options, _ = evaluate.parse_args(["checkpoint=x", "limit=none", "meteor=no", "num_beams=3"])
-    assert (options["limit"], options["meteor"], options["num_beams"]) == (None, False, 3)
+    options, overrides = evaluate.parse_args(["checkpoint=x", "limit=none", "meteor=no", "num_beams=3", "data=/d",
+                                              "model.dtype=float32"])
+    assert (options.limit, options.meteor, options.num_beams) == (None, False, 3)
+    assert overrides == ["data.path=/d", "model.dtype=float32"]
     assert evaluate.main(["checkpoint=/nonexistent/step-000001"]) == 2
 
 
@@ -156,7 +159,7 @@ MIMIC = ["data.dataset=mimic_cxr", "data.path=/data/mimic/annotation.json", "dat
     (["data.clean=mimic_cxr"], clean_report_mimic_cxr),
 ])
 def test_metric_cleaning_is_the_datasets_r2gen_cleaning(overrides, expected):
-    assert evaluate.metric_cleaning(load_config(DEMO, overrides)) is expected
+    assert metric_cleaning(load_config(DEMO, overrides)) is expected
 
 
 def test_the_two_cleanings_differ_on_raw_mimic_text():
@@ -195,7 +198,7 @@ def test_cli_loads_a_trainer_checkpoint(tmp_path, capsys, monkeypatch):
     assert evaluate.main([f"checkpoint={result.checkpoint}", "limit=1", "max_new_tokens=2", "meteor=false",
                           "data.clean=mimic_cxr", f"output_dir={tmp_path / 'mimic-cleaned'}"]) == 0
     assert cleanings == [clean_report_mimic_cxr]
-    model = evaluate.load_for_eval(result.checkpoint)[0]
+    model = load_for_eval(result.checkpoint)[0]
     trained = {k: v for k, v in result.model.state_dict().items() if "lora_" in k or k.startswith("adapters.")}
     loaded = model.state_dict()
     assert trained and any("lora_B" in k and v.abs().sum() > 0 for k, v in trained.items())

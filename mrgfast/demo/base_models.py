@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from mrgfast.data.dataset import MedicalDataset
 from mrgfast.data.images import ImageConfig, preprocess_image
@@ -38,9 +38,9 @@ from mrgfast.data.tokenizer import build_demo_tokenizer
 from mrgfast.models.config import DecoderConfig
 from mrgfast.models.decoder import Decoder
 from mrgfast.models.vit import ViT
+from mrgfast.models.vit_io import save_vit as save_vision
 
 DONE = "done.json"
-VIT_CONFIG = "vit_config.json"
 WEIGHTS = "model.safetensors"
 TEMPLATE = "pefomed"
 # What the ViT is taught to see: sided labels on the frontal view; laterals show no side (see cxr.py).
@@ -237,33 +237,10 @@ def pretrain_vit(data_dir: Path, out_dir: Path, settings: BaseModelSettings, see
 
 
 def save_vit(vit: ViT, out_dir: Path, settings: BaseModelSettings, image_config: ImageConfig) -> None:
-    """model.safetensors + vit_config.json (constructor arguments, image preprocessing, tokens per view)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(out_dir / WEIGHTS),
-              metadata={"format": "pt"})
-    config = {"model_type": "mrgfast_vit",
-              "vit": dict(image_size=settings.vit_input, patch_size=settings.vit_patch, in_channels=1,
-                          dim=settings.vit_dim, depth=settings.vit_depth, heads=settings.vit_heads),
-              "image_config": dataclasses.asdict(image_config), "group": settings.group,
-              "image_tokens": settings.image_tokens}
-    (out_dir / VIT_CONFIG).write_text(json.dumps(config, indent=1) + "\n")
-
-
-def load_demo_vit(path) -> tuple:
-    """(ViT in eval mode with frozen weights, its ImageConfig, its config dict) from a `save_vit` directory."""
-    path = Path(path)
-    config_file = path / VIT_CONFIG
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} not found: expected a demo ViT directory written by save_vit")
-    config = json.loads(config_file.read_text())
-    if config.get("model_type") != "mrgfast_vit" or "vit" not in config:
-        raise ValueError(f"{config_file}: model_type must be 'mrgfast_vit' with a 'vit' object, got "
-                         f"{config.get('model_type')!r}")
-    vit = ViT(**config["vit"])
-    vit.load_state_dict(load_file(str(path / WEIGHTS)))
-    image = dict(config["image_config"])
-    image["mean"], image["std"] = tuple(image["mean"]), tuple(image["std"])
-    return vit.eval().requires_grad_(False), ImageConfig(**image), config
+    """The pretrained ViT as an mrgfast ViT directory, with the demo's grouping and tokens per view."""
+    args = dict(image_size=settings.vit_input, patch_size=settings.vit_patch, in_channels=1, dim=settings.vit_dim,
+                depth=settings.vit_depth, heads=settings.vit_heads)
+    save_vision(vit, out_dir, args, image_config, group=settings.group, image_tokens=settings.image_tokens)
 
 
 # ------------------------------------------------------------------------------------------------ decoder

@@ -1,6 +1,7 @@
 """The embedded demo, end to end: pretrain (cached) -> untrained baseline -> PEFT SFT -> eval -> DPO -> eval -> table.
 
-`python -m mrgfast.train` (no arguments) and `python -m mrgfast.demo [demo.fast=true] [demo.output_dir=...]` run it.
+`python -m mrgfast.train` (no arguments; mrgfast/train/__main__.py) and `python -m mrgfast.demo [demo.fast=true]
+[demo.output_dir=...]` run it.
 The SFT stage is the PeFoMed path the engine exists for: the pretrained decoder frozen, LoRA on q_proj/v_proj and
 a trainable TokenGroupProjector over the frozen ViT's patch features, trained by `mrgfast.train.train` from
 `configs/demo.yaml`; DPO then starts from the SFT checkpoint on the synthetic preference pairs.
@@ -14,9 +15,15 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from mrgfast.assemble import build_all, metric_cleaning, prepare_eval
+from mrgfast.config import load_config, parse_command_line
+from mrgfast.data.packing import PackedBatchSampler
 from mrgfast.demo.base_models import FAST_SETTINGS, BaseModels, BaseModelSettings, prepare_base_models
-from mrgfast.evaluate import evaluate_model, metric_cleaning, prepare_eval, summary_table
+from mrgfast.evaluate import evaluate_model, summary_table
+from mrgfast.losses.dpo_inputs import dpo_sequence_logps
 from mrgfast.metrics import write_eval_json
+from mrgfast.train import train
+from mrgfast.training.steps import prepare, save_reference_logps
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 TARGETS = {"report/BLEU_4": 0.3, "clinical/macro_f1": 0.7}
@@ -63,33 +70,13 @@ class DemoOptions:
 
 
 def parse_options(argv: Sequence[str]) -> DemoOptions:
-    """DemoOptions from `demo.key=value` arguments; unknown keys and bad values raise ValueError naming them."""
-    fields = {f.name: f for f in dataclasses.fields(DemoOptions)}
-    values = {}
-    for item in argv:
-        key, sep, text = item.partition("=")
-        name = key.lstrip("-").removeprefix("demo.")
-        if not sep or name not in fields:
-            raise ValueError(f"demo argument {item!r}: expected demo.<key>=value with key one of {sorted(fields)}")
-        default = getattr(DemoOptions, name)
-        try:
-            if isinstance(default, bool):
-                if text.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError("expected true or false")
-                values[name] = text.lower() in ("true", "1")
-            elif text.lower() in ("none", "null") and name == "eval_limit":
-                values[name] = None
-            else:
-                values[name] = type(default)(text) if default is not None else int(text)
-        except ValueError as err:
-            raise ValueError(f"demo argument {item!r}: bad value for {name} ({err})") from None
-    return DemoOptions(**values)
+    """DemoOptions from `demo.key=value` arguments; unknown keys and bad values raise ConfigError naming them."""
+    return parse_command_line(argv, DemoOptions, prefix="demo.", overrides=False)[0]
 
 
 def stage_config(base: BaseModels, options: DemoOptions, mode: str, output_dir: Path, init_from=None,
                  resume: str = "none"):
     """The TrainConfig of one demo stage: configs/demo.yaml pointed at the pretrained models and data."""
-    from mrgfast.training.config import load_config
     overrides = [f"mode={mode}", f"output_dir={output_dir}", f"seed={options.seed}", f"resume={resume}",
                  f"model.name_or_path={base.decoder_dir}", f"model.vision_name_or_path={base.vision_dir}",
                  f"model.group_size={base.settings.group}", "data.dataset=synthetic", f"data.path={base.data_dir}",
@@ -115,10 +102,6 @@ def stage_config(base: BaseModels, options: DemoOptions, mode: str, output_dir: 
 def sft_reference_logps(config) -> Path:
     """Write DPO's reference log-probs ({pair id: [chosen, rejected]}) from the SFT model with its adapters on, where
     the trainer's `dpo.reference=precomputed` reads them; returns the file."""
-    from mrgfast.data.packing import PackedBatchSampler
-    from mrgfast.losses.dpo_inputs import dpo_sequence_logps
-    from mrgfast.training.build import build_all
-    from mrgfast.training.steps import prepare, save_reference_logps
     device = torch.device("cpu")
     pieces = build_all(config, device)
     model = pieces.model.eval()
@@ -152,7 +135,6 @@ def evaluate_stage(config, options: DemoOptions, checkpoint, name: str, output_d
 
 def run_demo(options: DemoOptions, settings: Optional[BaseModelSettings] = None) -> dict:
     """Run every stage; returns what eval.json holds (metrics per run, targets, timings, paths)."""
-    from mrgfast.train import train
     options = options.resolved()
     torch.set_num_threads(options.threads)
     settings = settings if settings is not None else (FAST_SETTINGS if options.fast else BaseModelSettings())

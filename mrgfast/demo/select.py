@@ -18,6 +18,7 @@ import torch
 from mrgfast.demo.base_models import FAST_SETTINGS, BaseModelSettings, prepare_base_models
 from mrgfast.demo.run import DemoOptions, command_line, evaluate_stage, sft_reference_logps, stage_config
 from mrgfast.metrics import write_eval_json
+from mrgfast.train import train
 
 SPLIT = "val"
 # Widened from (600, 1000, 1600) when the val pick sat at the grid's longest run (see README).
@@ -82,7 +83,6 @@ class Grid:
 def run_selection(options: DemoOptions, grid: Optional[Grid] = None,
                   settings: Optional[BaseModelSettings] = None) -> dict:
     """Run the sweep on the val split; returns (and writes as selection.json) every candidate and the picks."""
-    from mrgfast.train import train
     options = options.resolved()
     grid = grid if grid is not None else (Grid.fast() if options.fast else Grid())
     torch.set_num_threads(options.threads)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mrgfast.backend import requested_backend
-from mrgfast.layout import AttentionLayout, Segments
+from mrgfast.layout import Segments
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 

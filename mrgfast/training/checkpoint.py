@@ -15,12 +15,14 @@ import torch
 from torch import Tensor, nn
 
 from mrgfast.peft.adapter_io import save_adapter
-from mrgfast.training.rng import capture_rng_state, restore_rng_state
+from mrgfast.common.rng import capture_rng_state, restore_rng_state
 from mrgfast.training.state_io import load_tensors, read_state, save_tensors, write_state
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 TEMP_DIR = re.compile(r"^\.step-\d+\.(tmp|old)-")
 MANIFEST = "manifest.json"
+ADAPTER_SUFFIX = "adapter"      # checkpoint sub-directory holding the PEFT-format adapter
+MODULES_GROUP = "modules"       # checkpoint tensor group: trainable weights other than LoRA (projector, prompts, ...)
 STATE_NAME = "trainer_state"
 FORMAT_VERSION = 1
 

@@ -15,9 +15,9 @@ from torch import Tensor, nn
 
 from mrgfast.data.packing import IGNORE_INDEX, PackedBatch
 from mrgfast.data.static_batch import StaticShape, make_static
+from mrgfast.layout import AttentionLayout, OutputRows, Segments
 from mrgfast.losses.dpo_inputs import dpo_loss_inputs, dpo_sequence_logps
 from mrgfast.losses.fused_dpo import fused_dpo_loss
-from mrgfast.layout import AttentionLayout, OutputRows, Segments
 from mrgfast.models.feature_cache import tensor_digest
 from mrgfast.ops.linear_cross_entropy import linear_cross_entropy
 from mrgfast.peft import disable_adapters

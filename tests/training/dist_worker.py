@@ -137,8 +137,8 @@ def train_runs(rank: int, world_size: int, ports: list, runs: list, out_dir: str
     from torch.distributed.tensor import DTensor
 
     from mrgfast.train import train
-    from mrgfast.training.config import TrainConfig
-    from mrgfast.training.config_parse import build
+    from mrgfast.config import TrainConfig
+    from mrgfast.config.parse import build
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
     torch.set_num_threads(1)
     report = []

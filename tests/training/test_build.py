@@ -3,8 +3,8 @@
 import pytest
 
 from mrgfast.data.synthetic import generate_demo, read_manifest
-from mrgfast.training.build import read_samples
-from mrgfast.training.config import ConfigError, parse_cli
+from mrgfast.assemble import read_samples
+from mrgfast.config import ConfigError, parse_cli
 
 
 @pytest.fixture(scope="module")

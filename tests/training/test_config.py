@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from mrgfast.training.config import (ConfigError, TrainConfig, config_to_dict, load_config, parse_cli,
+from mrgfast.config import (ConfigError, TrainConfig, config_to_dict, load_config, parse_cli,
                                      save_resolved)
 
 

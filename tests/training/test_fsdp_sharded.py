@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from mrgfast.train import train
 from mrgfast.training.checkpoint import read_checkpoint
-from mrgfast.training.config import ConfigError, config_to_dict, load_config
+from mrgfast.config import ConfigError, config_to_dict, load_config
 from mrgfast.training.fsdp import shard_bounds
 from tests.training import dist_worker
 from tests.training.test_distributed import free_port

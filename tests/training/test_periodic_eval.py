@@ -6,9 +6,9 @@ import json
 import pytest
 
 from mrgfast.train import train
-from mrgfast.training.config import ConfigError, load_config, parse_cli
+from mrgfast.config import ConfigError, load_config, parse_cli
 from mrgfast.data import clean_report_iu_xray, clean_report_mimic_cxr
-from mrgfast.training.periodic_eval import EVAL_LOG, PeriodicEval
+from mrgfast.train.periodic_eval import EVAL_LOG, PeriodicEval
 from tests.training.test_train_loop import DEMO, logged, tiny_overrides
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -119,7 +119,7 @@ def test_two_ddp_processes_evaluate_on_rank_0_only(cache, tmp_path):
     # Rank 1 waits at the barrier while rank 0 evaluates: both finish, and each evaluation is written once.
     import torch.multiprocessing as mp
 
-    from mrgfast.training.config import config_to_dict
+    from mrgfast.config import config_to_dict
     from tests.training import dist_worker
     from tests.training.test_distributed import free_port
     train(tiny(cache, tmp_path / "warm"))  # writes the synthetic twin before the spawned processes read it
@@ -143,6 +143,6 @@ def test_ct_runs_are_evaluated_with_their_volume_preprocessing(tmp_path_factory,
         "eval.split=valid", "eval.max_new_tokens=5"])
     result = train(config)
     assert [e["step"] for e in result.evaluations] == [2] and "report/BLEU_4" in result.evaluations[0]
-    from mrgfast.evaluate import load_for_eval
+    from mrgfast.assemble import load_for_eval
     model, tokenizer, builder, media, samples = load_for_eval(result.checkpoint, split="valid")
     assert media.shape == (16, 16, 16) and samples[0].modality == "volume"

@@ -9,9 +9,9 @@ from safetensors.torch import load_file
 
 from mrgfast.peft import adapter_state_dict
 from mrgfast.train import train
-from mrgfast.training.build import build_all
+from mrgfast.assemble import build_all
 from mrgfast.training.checkpoint import read_checkpoint
-from mrgfast.training.config import load_config
+from mrgfast.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 RECIPES = ["demo", "pefomed_stage1", "mrgllm_promptwise", "mrgllm_promptbook", "ldp_sft", "rad3d_prefix"]

@@ -17,10 +17,11 @@ from safetensors.torch import load_file
 
 from mrgfast.data.packing import PackingCollator
 from mrgfast.data.static_batch import StaticShape, make_static
-from mrgfast.train import main, train
-from mrgfast.training.build import build_all
+from mrgfast.train import train
+from mrgfast.train.__main__ import main
+from mrgfast.assemble import build_all
 from mrgfast.training.checkpoint import read_checkpoint
-from mrgfast.training.config import config_to_dict, load_config
+from mrgfast.config import config_to_dict, load_config
 from mrgfast.training.cuda_graph import signature
 from mrgfast.training.guards import NonFiniteLossError
 from mrgfast.training.steps import MicroBatch, StepSettings, prepare, sft_loss, supervised_tokens, train_step
@@ -217,7 +218,7 @@ def test_resume_is_bit_identical_and_sigterm_saves(cache, tmp_path):
 
 
 def test_nan_loss_stops_naming_step_and_batch(cache, tmp_path, monkeypatch):
-    import mrgfast.train as loop
+    import mrgfast.train.setup as loop
     models = []
     original = loop.build_all
 
@@ -261,8 +262,8 @@ def gloo_worker(rank, world, ports, configs, queue):
     """One rank of the 2-process runs (torch.multiprocessing target): trains each config in turn, each in a
     fresh process group on its own port (re-using one port right after teardown can race)."""
     become_rank(rank, world)
-    from mrgfast.training.config import TrainConfig
-    from mrgfast.training.config_parse import build
+    from mrgfast.config import TrainConfig
+    from mrgfast.config.parse import build
     from torch.distributed.tensor import DTensor
     runs = []
     for port, config in zip(ports, configs):
@@ -339,12 +340,10 @@ def test_two_process_fsdp_cli_stops_the_groups_threads_before_it_returns(cache, 
 
 def test_cli_without_arguments_runs_the_demo(monkeypatch):
     calls = []
-    fake = types.ModuleType("mrgfast.demo")
-    fake.main = lambda: calls.append("demo") or 0
-    monkeypatch.setitem(sys.modules, "mrgfast.demo", fake)
-    import mrgfast
-    monkeypatch.setattr(mrgfast, "demo", fake, raising=False)
-    assert main([]) == 0 and calls == ["demo"]
+    fake = types.SimpleNamespace(main=lambda argv: calls.append(argv) or 0)
+    import mrgfast.train.__main__ as entry
+    monkeypatch.setattr(entry, "demo", fake)
+    assert main([]) == 0 and calls == [[]]
 
 
 def test_cli_reports_bad_keys(capsys):
@@ -370,7 +369,7 @@ def test_step_runner_is_eager_on_cpu_and_signatures_ignore_bookkeeping(cache, tm
 
 
 def test_build_rejects_bad_settings_naming_them(cache, tmp_path):
-    from mrgfast.training.config import ConfigError
+    from mrgfast.config import ConfigError
     cpu = torch.device("cpu")
     with pytest.raises(ConfigError, match=r"data.max_length: sample 'synth\d+' .* has \d+ tokens, more than "
                                           r"max_length=20"):

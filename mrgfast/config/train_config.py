@@ -9,12 +9,12 @@ from typing import Literal, Optional, Sequence, Union
 
 import yaml
 
+from mrgfast.config.cli import parse_command_line, split_key_value
+from mrgfast.config.parse import ConfigError, apply_mapping, build, read_yaml, set_dotted, to_plain
 from mrgfast.losses.dpo import check_dpo_args
 from mrgfast.peft.config import LoraConfig
-from mrgfast.training.config_parse import ConfigError, apply_mapping, build, read_yaml, set_dotted, to_plain
 
 RESOLVED_NAME = "config.yaml"
-CONFIG_ARG = "config"
 
 
 def require(condition: bool, message: str) -> None:
@@ -354,36 +354,22 @@ def load_config(path: Union[str, Path, None] = None, overrides: Sequence[str] = 
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
     for item in overrides:
-        key, text = split_override(item)
+        key, text = split_key_value(item)
         set_dotted(data, key, text, TrainConfig)
     return build(TrainConfig, data)
 
 
-def split_override(item: str) -> tuple[str, str]:
-    """`key=value` (a leading `--` allowed) as (key, value); ConfigError otherwise."""
-    if "=" not in item:
-        raise ConfigError(f"argument {item!r}: expected key=value (e.g. optim.lr=3e-5) or config=path.yaml")
-    key, text = item.split("=", 1)
-    key = key.strip()
-    if key.startswith("--"):
-        key = key[2:]
-    if not key:
-        raise ConfigError(f"argument {item!r}: empty key before '='")
-    return key, text
+@dataclass
+class TrainCommand:
+    """What `python -m mrgfast.train` takes besides config keys: the YAML file (`base:` inheritance inside it)."""
+
+    config: Optional[str] = None
 
 
 def parse_cli(argv: Sequence[str]) -> TrainConfig:
     """The config from command-line arguments: `config=path.yaml` (at most once) and `key=value` overrides."""
-    path, overrides = None, []
-    for item in argv:
-        key, text = split_override(item)
-        if key == CONFIG_ARG:
-            if path is not None:
-                raise ConfigError(f"config= given twice ({path!r} and {text!r}); use `base:` in YAML to combine")
-            path = text
-        else:
-            overrides.append(item)
-    return load_config(path, overrides)
+    command, overrides = parse_command_line(argv, TrainCommand)
+    return load_config(command.config, overrides)
 
 
 def config_to_dict(config: TrainConfig) -> dict:

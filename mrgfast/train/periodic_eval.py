@@ -7,10 +7,12 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from mrgfast.assemble import metric_cleaning, read_samples, synthetic_root
+from mrgfast.common.rng import capture_rng_state, restore_rng_state
+from mrgfast.config import ConfigError, TrainConfig
+from mrgfast.evaluate import evaluate_model
 from mrgfast.metrics import flatten_metrics
-from mrgfast.training.config import ConfigError, TrainConfig
 from mrgfast.training.metrics_log import JsonlLogger
-from mrgfast.training.rng import capture_rng_state, restore_rng_state
 
 EVAL_LOG = "eval.jsonl"
 # The metrics eval.jsonl keeps per evaluation (those the run's task has); the step's JSON file holds all of them.
@@ -21,7 +23,6 @@ HEADLINE = ("report/BLEU_4", "report/METEOR", "report/CIDEr", "clinical/macro_f1
 def eval_samples(config: TrainConfig) -> list:
     """The samples of eval.split that the run's data section points at, read as for SFT (a DPO run on the
     synthetic twin is scored on its reports), cut to eval.limit."""
-    from mrgfast.training.build import read_samples, synthetic_root
     eval_config = copy.deepcopy(config)
     eval_config.mode, eval_config.data.split = "sft", config.eval.split
     root = synthetic_root(eval_config) if eval_config.data.dataset == "synthetic" else None
@@ -45,7 +46,6 @@ class PeriodicEval:
     before training starts."""
 
     def __init__(self, config: TrainConfig, output_dir: Path, resume_step: Optional[int] = None):
-        from mrgfast.evaluate import metric_cleaning
         self.section = config.eval
         self.output_dir = Path(output_dir)
         self.samples = eval_samples(config)
@@ -58,7 +58,6 @@ class PeriodicEval:
 
         The RNG states are put back afterwards, so a run that evaluates trains exactly as one that does not.
         """
-        from mrgfast.evaluate import evaluate_model
         state, start = capture_rng_state(), time.perf_counter()
         try:
             metrics = evaluate_model(model, tokenizer, self.samples, builder, image_config,

@@ -1,0 +1,153 @@
+"""Config -> the recipe's model: decoder (+ LoRA), vision encoder, slot adapters, feature cache, starting weights."""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from mrgfast.config import ConfigError, TrainConfig
+from mrgfast.data.images import ImageConfig
+from mrgfast.data.volumes import VolumeConfig
+from mrgfast.layers.affine_prompt import AffinePromptGenerator
+from mrgfast.layers.diagnostic_prefix import DiagnosticPrefix
+from mrgfast.layers.token_group_projector import TokenGroupProjector
+from mrgfast.models import (Decoder, DecoderConfig, FeatureCache, MultimodalLM, Qwen2VLMerger, ViT, ViT3D, VisionTower,
+                            load_decoder)
+from mrgfast.models.feature_cache import check_no_augmentation
+from mrgfast.models.vit_io import is_vit_dir, load_vit
+from mrgfast.peft import apply_lora, load_adapter
+from mrgfast.training.checkpoint import ADAPTER_SUFFIX, MANIFEST, MODULES_GROUP, copy_tensors_into, read_checkpoint
+
+TEMPLATES = {"demo": "pefomed", "pefomed": "pefomed", "mrgllm_promptwise": "mrg_llm", "mrgllm_promptbook": "mrg_llm",
+             "ldp": "qwen2_vl", "rad3d_prefix": "rad3d"}
+
+
+@dataclass
+class ModelParts:
+    """The assembled model, the PromptBuilder arguments its slots need, and how to load its images/volumes."""
+
+    model: MultimodalLM
+    builder_kwargs: dict
+    image_config: Optional[ImageConfig] = None
+    volume_config: Optional[VolumeConfig] = None
+
+
+def build_decoder(config: TrainConfig, vocab_size: int) -> Decoder:
+    """The decoder: from model.name_or_path, or random with the configured sizes (M-RoPE for ldp)."""
+    m = config.model
+    if m.name_or_path is not None:
+        dtype = torch.bfloat16 if m.dtype == "bfloat16" else None
+        decoder = load_decoder(m.name_or_path, dtype=dtype)
+    else:
+        head_dim = m.hidden_size // m.num_attention_heads
+        mrope = None
+        if m.recipe == "ldp":  # Qwen2-VL's 3-axis rotary split, scaled to the tiny head
+            half = head_dim // 2
+            mrope = (half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8)
+        decoder = Decoder(DecoderConfig(vocab_size=vocab_size, hidden_size=m.hidden_size,
+                                        intermediate_size=m.intermediate_size, num_hidden_layers=m.num_hidden_layers,
+                                        num_attention_heads=m.num_attention_heads,
+                                        num_key_value_heads=m.num_key_value_heads, mrope_section=mrope,
+                                        qkv_bias=m.recipe == "ldp"))
+    if decoder.config.vocab_size < vocab_size:
+        raise ConfigError(f"model.name_or_path: the decoder's vocabulary ({decoder.config.vocab_size}) is smaller "
+                          f"than the tokenizer's ({vocab_size})")
+    decoder.gradient_checkpointing = m.activation_checkpointing
+    return decoder
+
+
+def build_vision(config: TrainConfig):
+    """(vision encoder, feature dim, image or volume config) for the recipe: an HF tower, or a small ViT/ViT3D."""
+    m, data = config.model, config.data
+    if m.vision_name_or_path is not None and m.recipe == "rad3d_prefix":
+        raise ConfigError("model.vision_name_or_path: loading a pretrained 3D encoder (CT-CLIP) is not supported; "
+                          "rad3d_prefix builds a ViT3D from the vision_* sizes")
+    if m.vision_name_or_path is not None and is_vit_dir(m.vision_name_or_path):  # an mrgfast ViT (the demo's)
+        vit, image_config, _ = load_vit(m.vision_name_or_path)
+        return vit, vit.dim, image_config
+    if m.vision_name_or_path is not None:
+        tower = VisionTower.from_pretrained(m.vision_name_or_path, frozen=not m.train_vision,
+                                            gradient_checkpointing=m.activation_checkpointing)
+        return tower, tower.feature_dim, tower.image_config(data.image_size)
+    size = data.image_size or (data.synthetic_volume_size if m.recipe == "rad3d_prefix" else data.synthetic_size)
+    if size % m.patch_size:
+        raise ConfigError(f"data.image_size: {size} must be a multiple of model.patch_size={m.patch_size}")
+    if m.recipe == "rad3d_prefix":
+        vision = ViT3D((size, size, size), m.patch_size, 1, m.vision_dim, m.vision_depth, m.vision_heads)
+        return vision, m.vision_dim, VolumeConfig(shape=(size, size, size))
+    vision = ViT(size, m.patch_size, 3, m.vision_dim, m.vision_depth, m.vision_heads, cls_token=False)
+    return vision, m.vision_dim, ImageConfig(size=size)
+
+
+def build_adapters(config: TrainConfig, dim: int, hidden: int) -> dict:
+    """{slot kind: adapter} of the recipe (DESIGN.md's table)."""
+    m = config.model
+    if m.recipe == "rad3d_prefix":
+        # The frozen multi-label classifier on the volume embedding (CT-RATE's 18 logits in the paper).
+        classifier = nn.Linear(dim, m.n_labels)
+        heads = max(h for h in (8, 4, 2, 1) if hidden % h == 0)
+        return {"prefix": DiagnosticPrefix(dim, m.n_labels, hidden, m.n_prefix, m.mapper_layers, n_heads=heads,
+                                           classifier=classifier)}
+    if m.recipe == "ldp":  # Qwen2-VL's own 2x2 merger, frozen: LDP trains LoRA only
+        if m.vision_name_or_path is not None:
+            merger = Qwen2VLMerger.from_pretrained(m.vision_name_or_path)
+        else:
+            merger = TokenGroupProjector(dim, hidden, 4, mode="2d")
+        return {"image": merger.requires_grad_(False)}
+    if m.recipe.startswith("mrgllm"):  # linear projection to visual tokens + instance-specific prompts
+        return {"image": nn.Linear(dim, hidden),
+                "prompt": AffinePromptGenerator(dim, hidden, m.n_prompts, book_size=m.book_size)}
+    projector = TokenGroupProjector(dim, hidden, m.group_size)
+    if projector.norm is not None:  # PeFoMed's ln_vision belongs to the frozen EVA tower
+        projector.norm.requires_grad_(m.train_vision)
+    return {"image": projector}
+
+
+def build_model(config: TrainConfig, vocab_size: int, views: int) -> ModelParts:
+    """The recipe's MultimodalLM: decoder (frozen, LoRA when enabled), vision encoder, adapters per slot."""
+    m = config.model
+    decoder = build_decoder(config, vocab_size)
+    decoder.requires_grad_(False)
+    if config.lora.enabled:
+        apply_lora(decoder, config.lora.to_lora_config(m.name_or_path))
+    vision, dim, media_config = build_vision(config)
+    vision.requires_grad_(m.train_vision)
+    if hasattr(vision, "set_frozen"):
+        vision.set_frozen(not m.train_vision)
+    model = MultimodalLM(decoder, vision=vision, adapters=build_adapters(config, dim, decoder.config.hidden_size),
+                         feature_cache=build_feature_cache(config, media_config))
+    if m.init_from is not None:
+        load_initial_weights(model, Path(m.init_from))
+    volume = m.recipe == "rad3d_prefix"
+    size = getattr(media_config, "size", None)
+    kwargs = model.builder_kwargs(TEMPLATES[m.recipe], views=views, image_size=size)
+    return ModelParts(model, kwargs, None if volume else media_config, media_config if volume else None)
+
+
+def build_feature_cache(config: TrainConfig, media_config) -> Optional[FeatureCache]:
+    """The frozen encoder's feature cache model.vision_cache asks for (None when "off")."""
+    m = config.model
+    if m.vision_cache == "off":
+        return None
+    check_no_augmentation(media_config)
+    directory = None
+    if m.vision_cache == "disk":
+        directory = Path(m.vision_cache_dir or Path(config.output_dir) / "feature_cache")
+    return FeatureCache(directory, max_bytes=int(m.vision_cache_max_gb * 2**30))
+
+
+def load_initial_weights(model: nn.Module, path: Path) -> None:
+    """Start from a previous stage: a checkpoint directory (adapter + other trainables) or an adapter directory."""
+    if (path / MANIFEST).is_file():
+        ckpt = read_checkpoint(path)
+        if (path / ADAPTER_SUFFIX).is_dir():
+            load_adapter(model.decoder, path / ADAPTER_SUFFIX)
+        # The previous stage's trained modules (e.g. PeFoMed's projector) by name; copy_tensors_into checks them.
+        copy_tensors_into(model, ckpt.tensors.get(MODULES_GROUP, {}), str(path))
+    elif (path / "adapter_config.json").is_file():
+        load_adapter(model.decoder, path)
+    else:
+        raise ConfigError(f"model.init_from: {path} is neither a checkpoint (no {MANIFEST}) nor a PEFT adapter "
+                          "directory (no adapter_config.json)")

@@ -1,0 +1,74 @@
+"""The training loop: config -> process group -> set_up (pieces, resume) -> steps with logging, evaluation,
+checkpoints and SIGTERM handling -> TrainResult. `python -m mrgfast.train` runs it from the command line."""
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from torch import nn
+
+from mrgfast.config import TrainConfig
+from mrgfast.train.hooks import Evaluations, save
+from mrgfast.train.setup import set_up
+from mrgfast.train.step import log_step, take_step
+from mrgfast.training.distributed import any_rank, init_distributed, teardown
+from mrgfast.training.guards import GracefulStop
+
+
+@dataclass
+class TrainResult:
+    """What a run leaves: where, its last checkpoint, the last logged metrics, every logged record, the model, and
+    the headline metrics of each evaluation during training (main process). An FSDP2 model keeps the process group's
+    threads running until the result is dropped and garbage-collected (`gc.collect()`), as main() does."""
+
+    output_dir: Path
+    checkpoint: Optional[Path]
+    metrics: dict
+    model: nn.Module
+    step: int
+    stopped_early: bool = False
+    history: list = field(default_factory=list)
+    evaluations: list = field(default_factory=list)
+
+
+def train(config: TrainConfig, on_step: Optional[Callable[[int, dict], None]] = None) -> TrainResult:
+    """Run `config` to schedule.max_steps (resuming when asked); `on_step(step, outputs)` is called after each step."""
+    ctx = init_distributed(config.device, config.distributed.backend, config.distributed.timeout_s)
+    try:
+        return run(config, ctx, on_step)
+    finally:
+        teardown(ctx)
+
+
+def run(config: TrainConfig, ctx, on_step) -> TrainResult:
+    """train() inside the process group."""
+    state = set_up(config, ctx)
+    evaluations = Evaluations(state)
+    history, metrics, last_ckpt, stopped = [], {}, state.resumed_from, False
+    saved_at = state.step if state.resumed_from is not None else None
+    try:
+        with GracefulStop() as stop:
+            while state.step < config.schedule.max_steps:
+                outputs, lr = take_step(state)
+                if on_step is not None:
+                    on_step(state.step, outputs)
+                if state.step % config.telemetry.log_every == 0 or state.step == config.schedule.max_steps:
+                    metrics = log_step(state, outputs, lr)
+                    history.append(metrics)
+                if evaluations.due():
+                    evaluations.run()
+                if state.step % config.checkpoint.every_steps == 0:
+                    last_ckpt, saved_at = save(state), state.step
+                if any_rank(ctx, stop.requested):
+                    print(f"mrgfast.train: {stop.reason() or 'stop'} received at step {state.step}: saving and "
+                          "exiting", file=sys.stderr)
+                    stopped = True
+                    break
+            if (stopped or config.checkpoint.save_at_end) and saved_at != state.step:
+                last_ckpt = save(state)
+    finally:
+        state.telemetry.close()
+        evaluations.close()
+    return TrainResult(state.out_dir, last_ckpt, metrics, state.core, state.step, stopped, history,
+                       evaluations.records)

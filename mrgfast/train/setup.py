@@ -1,0 +1,138 @@
+"""Setting a run up inside its process group: the built pieces, the step's settings, DPO's reference log-probs,
+the resumed state and the loader positioned where the run stopped, telemetry and the NaN guard."""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from mrgfast.assemble import Pieces, build_all, build_loader
+from mrgfast.common.rng import restore_rng_state, seed_everything
+from mrgfast.config import TrainConfig, save_resolved
+from mrgfast.data.packing import PackedBatchSampler
+from mrgfast.data.static_batch import StaticShape
+from mrgfast.peft import load_adapter
+from mrgfast.training.checkpoint import (ADAPTER_SUFFIX, MODULES_GROUP, load_optimizer_state, read_checkpoint,
+                                         resolve_resume)
+from mrgfast.training.cuda_graph import StepRunner
+from mrgfast.training.distributed import DistContext, barrier, wrap_model
+from mrgfast.training.fsdp import read_adapter_by_name, scatter_full_state, shard_model
+from mrgfast.training.guards import NonFiniteGuard
+from mrgfast.training.steps import (StepSettings, load_reference_logps, precompute_reference_logps,
+                                    save_reference_logps, train_step)
+from mrgfast.training.telemetry import Telemetry
+from mrgfast.training.throughput import training_flops_per_token
+
+
+@dataclass
+class RunState:
+    """Everything the loop reads and advances: built once by set_up, then `step` and `consumed` move on."""
+
+    config: TrainConfig
+    ctx: DistContext
+    out_dir: Path
+    pieces: Pieces
+    params: list                      # the trainable parameters (what the step clips and AdamW updates)
+    settings: StepSettings
+    runner: StepRunner
+    telemetry: Telemetry
+    guard: NonFiniteGuard
+    batches: object                   # this rank's micro-batches, from where the run stopped
+    step: int
+    consumed: int                     # global micro-batches drawn so far (the sampler's resume point)
+    resumed_from: Optional[Path]      # the checkpoint the run continues, or None
+    sharded: bool                     # trainables and their AdamW state are FSDP2 DTensors
+    static_shape: Optional[StaticShape] = None   # CUDA graphs: every batch padded to one shape
+    ref_logps: Optional[dict] = None  # DPO with dpo.reference=precomputed: {pair id: [chosen, rejected]}
+    ref_path: Optional[Path] = None
+
+    @property
+    def core(self) -> nn.Module:
+        """The MultimodalLM itself (not its DDP wrapper)."""
+        return self.pieces.model
+
+
+def set_up(config: TrainConfig, ctx: DistContext) -> RunState:
+    """Build the run of `config`, resume it when asked, and return the state the first step starts from."""
+    out_dir, device = Path(config.output_dir), ctx.device
+    if ctx.is_main:
+        save_resolved(config, out_dir)
+    seed_everything(config.seed)
+    fsdp = config.distributed.strategy == "fsdp" and ctx.distributed
+    sharded = fsdp and config.distributed.shard_trainable
+    pieces = build_all(config, device, lambda m: shard_model(m, ctx, sharded) if fsdp else wrap_model(m, ctx, "ddp"))
+    core = pieces.model
+    core.train()
+    params = [p for p in core.parameters() if p.requires_grad]
+    bf16 = device.type == "cuda" and config.model.dtype in ("auto", "bfloat16")
+    settings = StepSettings(config.mode, ctx.world_size, config.optim.max_grad_norm, config.dpo.beta,
+                            config.dpo.loss_type, config.dpo.label_smoothing, torch.bfloat16 if bf16 else None,
+                            average_gradients=fsdp and not sharded,  # sharded: FSDP2 reduce-scatters them
+                            loss_weights=config.dpo.loss_weights)
+    ref_logps, ref_path = None, None
+    if config.mode == "dpo" and config.dpo.reference == "precomputed":
+        ref_path = Path(config.dpo.reference_logps_path or out_dir / "reference_logps.safetensors")
+        ref_logps = reference_logps(pieces, config, ctx, ref_path, settings.autocast_dtype)
+
+    # Resume: read the checkpoint, start the data where it stopped, then restore state (RNG last, so the
+    # DataLoader's own draw at iterator creation happens exactly as in an uninterrupted run).
+    resume = resolve_resume(config.resume, out_dir)
+    ckpt = read_checkpoint(resume) if resume is not None else None
+    step = ckpt.step if ckpt else 0
+    consumed = ckpt.sampler["consumed"] if ckpt else 0
+    batches = iter(build_loader(pieces, config, ctx.rank, ctx.world_size, consumed))
+    if ckpt:
+        restore(core, pieces.optimizer, pieces.schedule, ckpt, ctx.rank, sharded)
+
+    total_params = sum(p.numel() for p in core.parameters())
+    telemetry = Telemetry(out_dir, config.schedule.max_steps,
+                          training_flops_per_token(total_params, sum(p.numel() for p in params)),
+                          device, initial_step=step, main_process=ctx.is_main, jsonl=config.telemetry.jsonl,
+                          tensorboard=config.telemetry.tensorboard, progress_bar=config.telemetry.progress_bar,
+                          gpu_sample_interval_s=config.telemetry.gpu_sample_interval_s)
+    static_shapes = config.cuda_graphs and device.type == "cuda"  # a captured graph replays fixed shapes
+    packed = pieces.packed
+    static_shape = StaticShape.for_lengths(packed.lengths, packed.budget, packed.rows) if static_shapes else None
+    runner = StepRunner(lambda micros: train_step(pieces.wrapped, pieces.optimizer, micros, settings, params,
+                                                  static_grads=static_shapes),
+                        device, enabled=config.cuda_graphs)
+    return RunState(config, ctx, out_dir, pieces, params, settings, runner, telemetry, NonFiniteGuard(device),
+                    batches, step, consumed, resume if ckpt else None, sharded, static_shape, ref_logps, ref_path)
+
+
+def restore(core: nn.Module, optimizer, schedule, ckpt, rank: int, sharded: bool = False) -> None:
+    """Put a checkpoint's weights, optimizer, schedule and this rank's RNG state back (`sharded`: into the
+    FSDP2 shards of the trainables, a collective on every rank)."""
+    adapter_dir = ckpt.path / ADAPTER_SUFFIX
+    if sharded:
+        weights = dict(ckpt.tensors.get(MODULES_GROUP, {}))
+        if adapter_dir.is_dir():
+            weights.update(read_adapter_by_name(core, core.decoder, adapter_dir))
+        scatter_full_state(core, optimizer, weights, ckpt.optimizer, ckpt.path)
+    else:
+        if adapter_dir.is_dir():
+            load_adapter(core.decoder, adapter_dir)
+        core.load_trainable_state_dict(ckpt.tensors.get(MODULES_GROUP, {}))
+        load_optimizer_state(optimizer, ckpt.optimizer, ckpt.path)
+    schedule.load_state_dict(ckpt.scheduler)
+    if not 0 <= rank < len(ckpt.rng_states):
+        raise ValueError(f"{ckpt.path}: holds RNG states for {len(ckpt.rng_states)} rank(s), cannot restore rank "
+                         f"{rank}; resume with the same number of processes")
+    restore_rng_state(ckpt.rng_states[rank], f"{ckpt.path} (rank {rank})")
+
+
+def reference_logps(pieces: Pieces, config: TrainConfig, ctx: DistContext, path: Path, autocast_dtype) -> dict:
+    """Precomputed DPO reference log-probs: read from `path`, or computed by a first pass (every rank, rank 0
+    writes) over one unshuffled epoch of the pairs."""
+    if path.is_file():
+        return load_reference_logps(path)
+    packed = pieces.packed
+    order = PackedBatchSampler(packed.lengths, packed.budget, packed.rows, seed=config.seed, shuffle=False)
+    batches = (pieces.collator([pieces.dataset[i] for i in group]) for group in order.batches())
+    logps = precompute_reference_logps(pieces.model, batches, ctx.device, autocast_dtype)
+    if ctx.is_main:
+        save_reference_logps(logps, path)
+    barrier(ctx)
+    return logps

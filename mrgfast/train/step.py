@@ -1,0 +1,64 @@
+"""One optimizer step of the loop: the host side (micro-batches, global normalisers), the (graph-captured) device
+step, the schedule and the NaN watch; and the logged record of a step."""
+
+import torch
+from torch import nn
+
+from mrgfast.train.setup import RunState
+from mrgfast.training.distributed import all_reduce_sum
+from mrgfast.training.steps import MicroBatch, batch_reference_logps, pair_count, prepare, supervised_tokens
+from mrgfast.training.telemetry import Telemetry
+
+
+def take_step(state: RunState) -> tuple:
+    """Run the next optimizer step; returns (the step's device outputs, the learning rate it ran at)."""
+    config, ctx, device = state.config, state.ctx, state.ctx.device
+    # Host side, outside the step: fetch the micro-batches, count the global normalisers.
+    host = [next(state.batches) for _ in range(config.optim.grad_accum_steps)]
+    ids = [i for b in host for i in b.sample_ids]
+    tokens = sum(b.num_tokens for b in host)
+    counts = [supervised_tokens(b) if config.mode == "sft" else pair_count(b) for b in host]
+    norm = all_reduce_sum(ctx, torch.tensor(float(sum(counts)), device=device))
+    # SFT divides by the global token count inside the loss; DPO weights each micro-batch's mean.
+    shares = [torch.ones((), device=device) if config.mode == "sft" else c / norm for c in counts]
+    digest_images = state.core.feature_cache is not None  # cache keys hashed on the host, outside the step
+    micros = [MicroBatch(prepare(b, device, state.static_shape, digest_images), norm, share,
+                         None if state.ref_logps is None else
+                         batch_reference_logps(state.ref_logps, b, state.ref_path).to(device))
+              for b, share in zip(host, shares)]
+    lr = state.pieces.schedule.get_last_lr()[0]
+    outputs = state.runner(micros)
+    state.step += 1
+    state.consumed += config.optim.grad_accum_steps * ctx.world_size
+    state.pieces.schedule.step()
+    state.guard.observe(outputs["loss"], state.step, ids)
+    state.telemetry.step_done(tokens)
+    return outputs, lr
+
+
+def log_step(state: RunState, outputs: dict, lr: float) -> dict:
+    """Check the losses since the last log were finite, then write the step's record (summed over ranks)."""
+    state.guard.check()
+    return log_metrics(state.ctx, state.telemetry, state.step, outputs, lr, state.runner, cache_stats(state.core))
+
+
+def cache_stats(core: nn.Module) -> dict:
+    """The feature cache's counts for the metrics log (this rank's), or nothing without a cache."""
+    cache = getattr(core, "feature_cache", None)
+    if cache is None:
+        return {}
+    return {"vision_cache_hits": cache.hits, "vision_cache_misses": cache.stats["misses"]}
+
+
+def log_metrics(ctx, telemetry: Telemetry, step: int, outputs: dict, lr: float, runner, extra=None) -> dict:
+    """Sum the step's outputs over ranks (each rank's loss is its share of the global one), read them once and
+    write a record."""
+    values = {k: all_reduce_sum(ctx, v.detach().float().reshape(())) for k, v in outputs.items()
+              if k != "grad_norm"}
+    record = {k: float(v) for k, v in values.items()}
+    if "grad_norm" in outputs:
+        record["grad_norm"] = float(outputs["grad_norm"])
+    record["lr"] = lr
+    record.update(runner.stats())
+    record.update(extra or {})
+    return telemetry.log(step, record)
