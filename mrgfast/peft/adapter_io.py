@@ -1,10 +1,9 @@
 """save_adapter / load_adapter: LoRA adapters in PEFT's on-disk format (safetensors + adapter_config.json)."""
 
+import contextlib
 import dataclasses
 import json
-import os
 import pickle
-import uuid
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -13,6 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from mrgfast.common.files import atomic_write
 from mrgfast.peft.apply import apply_lora, few, remove_lora
 from mrgfast.peft.config import CONFIG_NAME, LoraConfig
 from mrgfast.peft.state import get_lora_state, require_lora_state
@@ -56,20 +56,9 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
 def replace_files(directory: Path, writers: dict[str, Callable[[str], None]]) -> None:
     """Write each file to a temp file in `directory`, then rename them all into place; on failure nothing
     that was already there is touched and the temp files are removed."""
-    temps = {}
-    try:
+    with contextlib.ExitStack() as stack:
         for name, write in writers.items():
-            # A fresh unique name rather than mkstemp, whose 0600 mode would survive the rename and hide the
-            # adapter from other users (e.g. a vLLM server).
-            temp = str(directory / f".{name}.{uuid.uuid4().hex}.tmp")
-            temps[name] = temp
-            write(temp)
-        for name, temp in temps.items():
-            os.replace(temp, directory / name)
-    finally:
-        for temp in temps.values():
-            if os.path.exists(temp):
-                os.remove(temp)
+            write(str(stack.enter_context(atomic_write(directory / name))))
 
 
 def save_adapter(model: nn.Module, path: Union[str, Path], base_model_name_or_path: Optional[str] = None,
