@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from mrgfast.common.files import atomic_write
-from mrgfast.peft.apply import apply_lora, few, remove_lora
+from mrgfast.common.names import few
+from mrgfast.peft.apply import apply_lora, remove_lora
 from mrgfast.peft.config import CONFIG_NAME, LoraConfig
 from mrgfast.peft.state import get_lora_state, require_lora_state
 
@@ -132,8 +133,8 @@ def checked_adapter_tensors(model: nn.Module, tensors: dict[str, Tensor], source
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{source}: the adapter's keys do not match the model; missing: [{few(missing)}]; "
-                         f"unexpected: [{few(unexpected)}]")
+        raise ValueError(f"{source}: the adapter's keys do not match the model; missing: [{few(missing, show=repr)}]; "
+                         f"unexpected: [{few(unexpected, show=repr)}]")
     for key, target in expected.items():
         if tensors[key].shape != target.shape:
             raise ValueError(f"{source}: {key} has shape {tuple(tensors[key].shape)}, the model expects "
@@ -160,7 +161,8 @@ def load_adapter(model: nn.Module, path: Union[str, Path]) -> nn.Module:
         check_same_lora(state.config, config, directory / CONFIG_NAME)
         merged = [p for p in state.lora_paths if model.get_submodule(p).merged]
         if merged:
-            raise ValueError(f"load_adapter: LoRA is merged into {few(merged, 3)}; unmerge before loading new weights")
+            raise ValueError(f"load_adapter: LoRA is merged into {few(merged, 3, show=repr)}; unmerge before "
+                             "loading new weights")
         copy_into(model, tensors, file)
         return model
     apply_lora(model, config)
