@@ -193,10 +193,10 @@ def prepare_eval(config, split: str = "test", checkpoint=None):
     """(model of `config` in eval mode, tokenizer, builder, media config (the ImageConfig, or the VolumeConfig of a
     CT recipe), samples of `split`); with `checkpoint`, its adapter and trainable weights are loaded, else the
     adapters stay at their initialisation (the untrained baseline)."""
+    from mrgfast.common.rng import seed_everything
     from mrgfast.data import PromptBuilder
     from mrgfast.training.build import (TEMPLATES, build_model, build_tokenizer, load_initial_weights, read_samples,
                                         synthetic_root)
-    from mrgfast.training.rng import seed_everything
     config = copy.deepcopy(config)
     # Evaluation reads the report/VQA split (a DPO run trained on preference pairs: score its reports).
     config.mode, config.data.split, config.model.init_from = "sft", split, None

@@ -14,6 +14,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from mrgfast.common.rng import capture_rng_state, restore_rank_rng_state, seed_everything
 from mrgfast.data.packing import PackedBatchSampler
 from mrgfast.data.static_batch import StaticShape
 from mrgfast.peft import load_adapter
@@ -28,7 +29,6 @@ from mrgfast.training.fsdp import (adapter_tensors, gather_full_state, read_adap
                                    shard_model)
 from mrgfast.training.guards import GracefulStop, NonFiniteGuard, NonFiniteLossError
 from mrgfast.training.periodic_eval import PeriodicEval, eval_due
-from mrgfast.training.rng import capture_rng_state, restore_rng_state, seed_everything
 from mrgfast.training.steps import (MicroBatch, StepSettings, batch_reference_logps, load_reference_logps,
                                     pair_count, precompute_reference_logps, prepare, save_reference_logps,
                                     supervised_tokens, train_step)
@@ -217,10 +217,7 @@ def restore(core: nn.Module, optimizer, schedule, ckpt, rank: int, sharded: bool
         core.load_trainable_state_dict(ckpt.tensors.get(MODULES_GROUP, {}))
         load_optimizer_state(optimizer, ckpt.optimizer, ckpt.path)
     schedule.load_state_dict(ckpt.scheduler)
-    if not 0 <= rank < len(ckpt.rng_states):
-        raise ValueError(f"{ckpt.path}: holds RNG states for {len(ckpt.rng_states)} rank(s), cannot restore rank "
-                         f"{rank}; resume with the same number of processes")
-    restore_rng_state(ckpt.rng_states[rank], f"{ckpt.path} (rank {rank})")
+    restore_rank_rng_state(ckpt.rng_states, rank, ckpt.path)
 
 
 def reference_logps(pieces, config: TrainConfig, ctx, path: Path, autocast_dtype) -> dict:

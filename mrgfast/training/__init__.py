@@ -1,6 +1,6 @@
 """Training infrastructure the loop (mrgfast/train.py) imports, one concern per module.
 
-config (+config_parse): run config from YAML and key=value overrides; checkpoint (+state_io, rng): atomic,
+config (+config_parse): run config from YAML and key=value overrides; checkpoint (+state_io): atomic,
 exact checkpoints; optim + schedule: fused AdamW with a tensor LR and warmup+cosine; sync_guard: proves a
 step has no host sync; guards: NaN/inf loss and SIGTERM; telemetry (+metrics_log, throughput, progress,
 gpu_monitor): logs, tokens/s, MFU, GPU samples; distributed: torchrun groups, DDP / FSDP2; fsdp: FSDP2 that

@@ -12,8 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from mrgfast.common.files import atomic_write
+from mrgfast.common.rng import capture_rng_state, restore_rank_rng_state
 from mrgfast.peft.adapter_io import save_adapter
-from mrgfast.training.rng import capture_rng_state, restore_rng_state
 from mrgfast.training.state_io import load_tensors, read_state, save_tensors, write_state
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -209,10 +209,7 @@ def load_checkpoint(path: PathLike, *, optimizer: Optional[torch.optim.Optimizer
             raise ValueError(f"{ckpt.path}: holds no scheduler state, but a scheduler was given to restore")
         scheduler.load_state_dict(ckpt.scheduler)
     if restore_rng:
-        if not 0 <= rank < len(ckpt.rng_states):
-            raise ValueError(f"{ckpt.path}: holds RNG states for {len(ckpt.rng_states)} rank(s), "
-                             f"cannot restore rank {rank}; resume with the same number of processes")
-        restore_rng_state(ckpt.rng_states[rank], f"{ckpt.path} (rank {rank})")
+        restore_rank_rng_state(ckpt.rng_states, rank, ckpt.path)
     return ckpt
 
 

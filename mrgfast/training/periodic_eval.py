@@ -7,10 +7,10 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from mrgfast.common.rng import capture_rng_state, restore_rng_state
 from mrgfast.metrics import flatten_metrics
 from mrgfast.training.config import ConfigError, TrainConfig
 from mrgfast.training.metrics_log import JsonlLogger
-from mrgfast.training.rng import capture_rng_state, restore_rng_state
 
 EVAL_LOG = "eval.jsonl"
 # The metrics eval.jsonl keeps per evaluation (those the run's task has); the step's JSON file holds all of them.

@@ -11,7 +11,7 @@ from mrgfast.training.build import build_all
 from mrgfast.training.config import load_config
 from mrgfast.data.static_batch import StaticShape
 from mrgfast.training.cuda_graph import StepRunner, signature
-from mrgfast.training.rng import seed_everything
+from mrgfast.common.rng import seed_everything
 from mrgfast.training.steps import MicroBatch, StepSettings, prepare, supervised_tokens, train_step
 
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
