@@ -1,7 +1,7 @@
 """The training step: forward, fused loss normalised over the whole accumulated batch, backward, clip, AdamW.
 
 Everything here is free of host synchronisation (the loop prepares batches and normalisers on the host first),
-so `train_step` can be captured in a CUDA graph; a CPU test runs it under sync_guard.no_host_sync.
+so `train_step` can be captured in a CUDA graph; a CPU test runs it under mrgfast.testing.sync_guard.no_host_sync.
 """
 
 import contextlib

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from mrgfast.data.packing import PackingCollator
 from mrgfast.data.static_batch import StaticShape, make_static
+from mrgfast.testing.sync_guard import no_host_sync
 from mrgfast.train import main, train
 from mrgfast.training.build import build_all
 from mrgfast.training.checkpoint import read_checkpoint
@@ -24,7 +25,6 @@ from mrgfast.training.config import config_to_dict, load_config
 from mrgfast.training.cuda_graph import signature
 from mrgfast.training.guards import NonFiniteLossError
 from mrgfast.training.steps import MicroBatch, StepSettings, prepare, sft_loss, supervised_tokens, train_step
-from mrgfast.training.sync_guard import no_host_sync
 
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 
