@@ -32,19 +32,6 @@ def test_unwritable_metrics_leave_the_old_file(tmp_path):
     assert os.listdir(tmp_path) == ["eval.json"]
 
 
-def test_failed_rename_keeps_old_file_and_removes_temp(tmp_path, monkeypatch):
-    path = write_eval_json(tmp_path / "eval.json", {"BLEU_4": 0.1})
-
-    def broken_replace(src, dst):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(os, "replace", broken_replace)
-    with pytest.raises(OSError, match="disk full"):
-        write_eval_json(path, {"BLEU_4": 0.9})
-    assert json.loads(path.read_text()) == {"BLEU_4": 0.1}
-    assert os.listdir(tmp_path) == ["eval.json"]
-
-
 def test_directory_path_is_refused(tmp_path):
     with pytest.raises(IsADirectoryError, match="is a directory"):
         write_eval_json(tmp_path, {"BLEU_4": 0.1})
