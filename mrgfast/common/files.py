@@ -13,12 +13,8 @@ PathLike = Union[str, Path]
 @contextmanager
 def atomic_write(path: PathLike, *, directory: bool = False, mode: Optional[int] = None,
                  fsync: bool = False) -> Iterator[Path]:
-    """Yield a temp path beside `path` to write (an empty directory with `directory`); it replaces `path` when the
-    block ends, and is removed, leaving `path` as it was, when the block raises.
-
-    `mode` is set on the result before the rename (else it keeps the mode it was created with); `fsync` flushes
-    its files and the rename to disk, so that a crash cannot leave an empty or half-written `path`.
-    """
+    """Yield a temp path beside `path` to write (an empty directory with `directory`): renamed over `path` when the
+    block ends (given `mode` first; `fsync`: durably), removed and `path` left as it was when the block raises."""
     path = Path(path)
     if not directory and path.is_dir():
         raise IsADirectoryError(f"cannot write {path}: it is a directory")
