@@ -17,10 +17,10 @@ import torch
 
 from mrgfast.assemble.evaluation import load_for_eval
 from mrgfast.config import parse_command_line
+from mrgfast.common.files import atomic_write_text
 from mrgfast.data.labeler import label_report
 from mrgfast.data.text import clean_report_iu_xray
 from mrgfast.evaluate import HALLUCINATION_FINDINGS, generate_texts
-from mrgfast.metrics.outputs import atomic_write_text
 
 
 @dataclasses.dataclass
@@ -93,7 +93,7 @@ def build_onpolicy_pairs(model, tokenizer, samples: Sequence, builder, image_con
     if not rows:
         raise ValueError(f"none of the {counts['drawn']} drawn reports asserts a finding its reference lacks: no "
                          f"pairs to write to {out} (draw more with num_samples or a higher temperature)")
-    atomic_write_text(out, "".join(json.dumps(row) + "\n" for row in rows))
+    atomic_write_text(out, "".join(json.dumps(row) + "\n" for row in rows), fsync=True)
     return counts
 
 

@@ -1,1 +1,1 @@
-"""Foundation helpers every layer may use; nothing here imports the rest of mrgfast."""
+"""Foundation helpers every layer may import (files, name listings, RNG state); nothing here imports mrgfast."""

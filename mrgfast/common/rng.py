@@ -1,7 +1,8 @@
 """Random-number state of a process (python, numpy, torch CPU and CUDA): seed, capture and restore exactly."""
 
 import random
-from typing import Any
+from pathlib import Path
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -50,3 +51,11 @@ def restore_rng_state(state: dict[str, Any], source: str = "rng state") -> None:
             # Different devices would draw different streams: resuming would not be exact.
             raise ValueError(f"{source}: saved with {len(cuda)} CUDA device(s), this process sees {have}")
         torch.cuda.set_rng_state_all(cuda)
+
+
+def restore_rank_rng_state(states: list, rank: int, source: Union[str, Path]) -> None:
+    """Restore `rank`'s entry of `states` (one capture_rng_state() per rank, read from `source`)."""
+    if not 0 <= rank < len(states):
+        raise ValueError(f"{source}: holds RNG states for {len(states)} rank(s), cannot restore rank {rank}; "
+                         "resume with the same number of processes")
+    restore_rng_state(states[rank], f"{source} (rank {rank})")

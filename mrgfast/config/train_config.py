@@ -1,14 +1,13 @@
 """The run configuration: nested dataclasses, loaded from YAML plus dotted `key=value` overrides."""
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional, Sequence, Union
 
 import yaml
 
+from mrgfast.common.files import atomic_write_text
 from mrgfast.config.cli import parse_command_line, split_key_value
 from mrgfast.config.parse import ConfigError, apply_mapping, build, read_yaml, set_dotted, to_plain
 from mrgfast.losses.dpo import check_dpo_args
@@ -382,14 +381,4 @@ def save_resolved(config: TrainConfig, output_dir: Union[str, Path, None] = None
     directory = Path(output_dir if output_dir is not None else config.output_dir)
     directory.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(config_to_dict(config), sort_keys=False)
-    target = directory / RESOLVED_NAME
-    fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{RESOLVED_NAME}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(temp, 0o644)
-        os.replace(temp, target)
-    finally:
-        if os.path.exists(temp):
-            os.remove(temp)
-    return target
+    return atomic_write_text(directory / RESOLVED_NAME, text, mode=0o644)

@@ -262,11 +262,6 @@ def label_report(report: str) -> dict:
     return labels
 
 
-def label_reports(reports: Iterable[str]) -> list:
-    """label_report for each report."""
-    return [label_report(r) for r in reports]
-
-
 def binarize(labels: dict, names: Iterable[str] = CHEXPERT_OBSERVATIONS, uncertain: int = 0,
              blank: int = 0) -> list:
     """Labels as a 0/1 vector over `names`; uncertain and blank map to `uncertain` / `blank`.

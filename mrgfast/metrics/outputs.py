@@ -1,10 +1,10 @@
 """Evaluation outputs on disk: `eval.json` with every metric and a JSONL of per-sample generations, both atomic."""
 
 import json
-import os
-import uuid
 from pathlib import Path
 from typing import Optional, Sequence, Union
+
+from mrgfast.common.files import atomic_write_text
 
 RESERVED_FIELDS = ("id", "reference", "generation")
 
@@ -28,31 +28,11 @@ def _dumps(value, what: str, **kwargs) -> str:
         raise ValueError(f"{what} cannot be written as JSON: {err}") from None
 
 
-def atomic_write_text(path: Union[str, Path], text: str) -> Path:
-    """Write `text` to a temp file beside `path`, fsync, then rename it over `path`: no reader sees half a file."""
-    path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"cannot write {path}: it is a directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A fresh unique name rather than mkstemp, whose 0600 mode would survive the rename (as in peft/adapter_io.py).
-    temp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        with open(temp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    finally:
-        if temp.exists():
-            temp.unlink()
-    return path
-
-
 def write_eval_json(path: Union[str, Path], metrics: dict) -> Path:
     """Write every metric to `path` (eval.json) as indented JSON, atomically; returns the path."""
     if not isinstance(metrics, dict):
         raise TypeError(f"metrics must be a dict, got {type(metrics).__name__}")
-    return atomic_write_text(path, _dumps(metrics, f"metrics for {path}", indent=2) + "\n")
+    return atomic_write_text(path, _dumps(metrics, f"metrics for {path}", indent=2) + "\n", fsync=True)
 
 
 def generation_rows(references: Sequence[str], generations: Sequence[str], ids: Optional[Sequence] = None,
@@ -80,4 +60,4 @@ def write_generations(path: Union[str, Path], references: Sequence[str], generat
     """Write one JSON line per sample ({"id", "reference", "generation", **fields}) to `path`, atomically."""
     rows = generation_rows(references, generations, ids, **fields)
     lines = [_dumps(row, f"sample {index} (id={row['id']!r}) for {path}") for index, row in enumerate(rows)]
-    return atomic_write_text(path, "".join(line + "\n" for line in lines))
+    return atomic_write_text(path, "".join(line + "\n" for line in lines), fsync=True)

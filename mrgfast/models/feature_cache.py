@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from mrgfast.common.files import atomic_write
 from mrgfast.models.vision import VisionFeatures
 
 DEFAULT_MAX_BYTES = 2 << 30  # 2 GiB of features kept in memory
@@ -134,11 +135,9 @@ class FeatureCache:
         self.remember(key, entry)
         path = self.path(key)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
             tensors = {name: t.cpu() for name, t in entry["tensors"].items()}
-            save_file(tensors, str(tmp), metadata={"format": "pt", "meta": json.dumps(entry["meta"])})
-            os.replace(tmp, path)
+            with atomic_write(path) as temp:
+                save_file(tensors, str(temp), metadata={"format": "pt", "meta": json.dumps(entry["meta"])})
 
     def remember(self, key: str, entry: dict) -> None:
         """Put an entry in the memory LRU, evicting the least recently used ones past max_bytes."""

@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from mrgfast.common.names import few
 from mrgfast.models.config import DecoderConfig, hf_architecture
 from mrgfast.models.decoder import Decoder
 
@@ -18,7 +19,6 @@ INDEX_FILE = "model.safetensors.index.json"
 # Checkpoint keys that are not decoder weights: vision towers (loaded elsewhere) and stale RoPE buffers
 # some old Llama checkpoints carry.
 IGNORED_KEYS = re.compile(r"^(model\.)?visual\.|rotary_emb\.inv_freq$")
-SHOWN_KEYS = 8
 
 
 def load_decoder(path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None,
@@ -104,11 +104,6 @@ def check_keys(expected: dict, names: dict, path: Path) -> None:
         problems.append(f"{len(unexpected)} unexpected weight(s): {few(unexpected)}")
     if problems:
         raise ValueError(f"{path}: checkpoint does not match config.json; " + "; ".join(problems))
-
-
-def few(keys: list) -> str:
-    """The first few keys for an error message."""
-    return ", ".join(keys[:SHOWN_KEYS]) + (f", ... ({len(keys)} in all)" if len(keys) > SHOWN_KEYS else "")
 
 
 def assign_parameter(module: nn.Module, name: str, tensor: torch.Tensor) -> None:

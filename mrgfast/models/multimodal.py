@@ -20,6 +20,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from mrgfast.common.names import few
 from mrgfast.data.packing import PackedBatch, PlacedSpan, sequence_positions, span_positions, spans_in_order
 from mrgfast.data.prompts import SLOT_KINDS, PromptTemplate, TokenizedPair, TokenizedSample, get_template
 from mrgfast.layers.affine_prompt import AffinePromptGenerator
@@ -431,15 +432,9 @@ def check_named_shapes(state: dict, params: dict, expected, source: str) -> None
     expected = set(expected)
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
-        raise ValueError(f"{source}: missing keys {_few(missing)}; unexpected keys {_few(unexpected)}")
+        raise ValueError(f"{source}: missing keys {few(missing) or 'none'}; "
+                         f"unexpected keys {few(unexpected) or 'none'}")
     for name, value in state.items():
         if tuple(value.shape) != tuple(params[name].shape):
             raise ValueError(f"{source}: {name} has shape {tuple(value.shape)}, the model expects "
                              f"{tuple(params[name].shape)}")
-
-
-def _few(names: list, limit: int = 8) -> str:
-    """A short listing of names."""
-    if not names:
-        return "none"
-    return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")

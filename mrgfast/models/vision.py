@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
+from mrgfast.common.names import few
 from mrgfast.data.images import ImageConfig
 from mrgfast.layers.token_group_projector import TokenGroupProjector
 from mrgfast.models.loading import checkpoint_keys
@@ -356,8 +357,7 @@ def load_weights(module: nn.Module, path: Path, keys: dict, names: dict, device:
     expected = module.state_dict()
     missing = sorted(set(expected) - set(names))
     if missing:
-        shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
-        raise ValueError(f"{path}: the checkpoint lacks {len(missing)} vision weight(s): {shown}")
+        raise ValueError(f"{path}: the checkpoint lacks {len(missing)} vision weight(s): {few(missing)}")
     by_file = {}
     for name in expected:
         by_file.setdefault(keys[names[name]], []).append(name)

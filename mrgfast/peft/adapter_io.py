@@ -1,10 +1,9 @@
 """save_adapter / load_adapter: LoRA adapters in PEFT's on-disk format (safetensors + adapter_config.json)."""
 
+import contextlib
 import dataclasses
 import json
-import os
 import pickle
-import uuid
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -13,7 +12,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from mrgfast.peft.apply import apply_lora, few, remove_lora
+from mrgfast.common.files import atomic_write
+from mrgfast.common.names import few
+from mrgfast.peft.apply import apply_lora, remove_lora
 from mrgfast.peft.config import CONFIG_NAME, LoraConfig
 from mrgfast.peft.state import get_lora_state, require_lora_state
 
@@ -56,20 +57,9 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
 def replace_files(directory: Path, writers: dict[str, Callable[[str], None]]) -> None:
     """Write each file to a temp file in `directory`, then rename them all into place; on failure nothing
     that was already there is touched and the temp files are removed."""
-    temps = {}
-    try:
+    with contextlib.ExitStack() as stack:
         for name, write in writers.items():
-            # A fresh unique name rather than mkstemp, whose 0600 mode would survive the rename and hide the
-            # adapter from other users (e.g. a vLLM server).
-            temp = str(directory / f".{name}.{uuid.uuid4().hex}.tmp")
-            temps[name] = temp
-            write(temp)
-        for name, temp in temps.items():
-            os.replace(temp, directory / name)
-    finally:
-        for temp in temps.values():
-            if os.path.exists(temp):
-                os.remove(temp)
+            write(str(stack.enter_context(atomic_write(directory / name))))
 
 
 def save_adapter(model: nn.Module, path: Union[str, Path], base_model_name_or_path: Optional[str] = None,
@@ -143,8 +133,8 @@ def checked_adapter_tensors(model: nn.Module, tensors: dict[str, Tensor], source
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{source}: the adapter's keys do not match the model; missing: [{few(missing)}]; "
-                         f"unexpected: [{few(unexpected)}]")
+        raise ValueError(f"{source}: the adapter's keys do not match the model; missing: [{few(missing, show=repr)}]; "
+                         f"unexpected: [{few(unexpected, show=repr)}]")
     for key, target in expected.items():
         if tensors[key].shape != target.shape:
             raise ValueError(f"{source}: {key} has shape {tuple(tensors[key].shape)}, the model expects "
@@ -171,7 +161,8 @@ def load_adapter(model: nn.Module, path: Union[str, Path]) -> nn.Module:
         check_same_lora(state.config, config, directory / CONFIG_NAME)
         merged = [p for p in state.lora_paths if model.get_submodule(p).merged]
         if merged:
-            raise ValueError(f"load_adapter: LoRA is merged into {few(merged, 3)}; unmerge before loading new weights")
+            raise ValueError(f"load_adapter: LoRA is merged into {few(merged, 3, show=repr)}; unmerge before "
+                             "loading new weights")
         copy_into(model, tensors, file)
         return model
     apply_lora(model, config)

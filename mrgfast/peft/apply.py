@@ -6,20 +6,13 @@ from typing import Optional
 import torch
 from torch import nn
 
+from mrgfast.common.names import few
 from mrgfast.layers.lora_linear import LoRALinear
 from mrgfast.peft.config import LoraConfig
 from mrgfast.peft.matching import is_lora_target
 from mrgfast.peft.originals import drop_originals, keep_original
 from mrgfast.peft.saved_modules import find_modules_to_save
 from mrgfast.peft.state import LoraState, get_lora_state, require_lora_state, set_lora_state
-
-SHOWN_NAMES = 8
-
-
-def few(names: list[str], limit: int = SHOWN_NAMES) -> str:
-    """A short listing of `names` for an error message."""
-    shown = ", ".join(repr(n) for n in names[:limit])
-    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
 def check_wrappable(path: str, module: nn.Module, parent: nn.Module) -> None:
@@ -52,7 +45,8 @@ def find_lora_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         suffixes = list(dict.fromkeys(p.rpartition(".")[2] for p in linear))
         excluded = f" after exclude_modules={config.exclude_modules!r}" if config.exclude_modules else ""
         raise ValueError(f"target_modules={config.target_modules!r} matches no module of the {type(model).__name__}"
-                         f"{excluded}; its nn.Linear modules are named {few(suffixes)} (e.g. {few(linear, 3)})")
+                         f"{excluded}; its nn.Linear modules are named {few(suffixes, show=repr)} "
+                         f"(e.g. {few(linear, 3, show=repr)})")
     return targets
 
 
@@ -65,7 +59,7 @@ def apply_lora(model: nn.Module, config: LoraConfig, adapter_dtype: Optional[tor
         raise ValueError(f"apply_lora needs a mrgfast.peft.LoraConfig, got {type(config).__name__}")
     applied = [path for path, m in model.named_modules() if isinstance(m, LoRALinear)]
     if get_lora_state(model) is not None or applied:
-        where = f" (LoRALinear at {few(applied, 3)})" if applied else ""
+        where = f" (LoRALinear at {few(applied, 3, show=repr)})" if applied else ""
         raise ValueError(f"apply_lora: LoRA is already applied to this {type(model).__name__}{where}; "
                          "call remove_lora(model) first or load_adapter into the adapted model")
     # Find everything before changing anything, so a bad config leaves the model untouched.

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from mrgfast.assemble import Pieces, build_all, build_loader
-from mrgfast.common.rng import restore_rng_state, seed_everything
+from mrgfast.common.rng import restore_rank_rng_state, seed_everything
 from mrgfast.config import TrainConfig, save_resolved
 from mrgfast.data.packing import PackedBatchSampler
 from mrgfast.data.static_batch import StaticShape
@@ -117,10 +117,7 @@ def restore(core: nn.Module, optimizer, schedule, ckpt, rank: int, sharded: bool
         core.load_trainable_state_dict(ckpt.tensors.get(MODULES_GROUP, {}))
         load_optimizer_state(optimizer, ckpt.optimizer, ckpt.path)
     schedule.load_state_dict(ckpt.scheduler)
-    if not 0 <= rank < len(ckpt.rng_states):
-        raise ValueError(f"{ckpt.path}: holds RNG states for {len(ckpt.rng_states)} rank(s), cannot restore rank "
-                         f"{rank}; resume with the same number of processes")
-    restore_rng_state(ckpt.rng_states[rank], f"{ckpt.path} (rank {rank})")
+    restore_rank_rng_state(ckpt.rng_states, rank, ckpt.path)
 
 
 def reference_logps(pieces: Pieces, config: TrainConfig, ctx: DistContext, path: Path, autocast_dtype) -> dict:

@@ -2,11 +2,8 @@
 
 import hashlib
 import json
-import os
 import re
 import shutil
-import tempfile
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -14,8 +11,9 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from mrgfast.common.files import atomic_write
+from mrgfast.common.rng import capture_rng_state, restore_rank_rng_state
 from mrgfast.peft.adapter_io import save_adapter
-from mrgfast.common.rng import capture_rng_state, restore_rng_state
 from mrgfast.training.state_io import load_tensors, read_state, save_tensors, write_state
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -76,16 +74,10 @@ def save_checkpoint(output_dir: PathLike, step: int, *, tensors: Optional[dict[s
     root.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(root)
     final = root / step_dir_name(step)
-    temp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.tmp-"))
-    try:
+    # Filled under `.step-XXXXXX.tmp-...`, which remove_stale_temps knows; readable like other outputs (0o755).
+    with atomic_write(final, directory=True, mode=0o755, fsync=True) as temp:
         write_contents(temp, step, tensors or {}, optimizer_state, scheduler, sampler, extra,
                        rng_states if rng_states is not None else [capture_rng_state()], writers or {})
-        # mkdtemp makes the directory private (0700); a checkpoint should be as readable as other outputs.
-        os.chmod(temp, 0o755)
-        install(temp, final)
-    finally:
-        if temp.exists():
-            shutil.rmtree(temp, ignore_errors=True)
     prune(root, keep_last, keep=final)
     return final
 
@@ -114,8 +106,6 @@ def write_contents(directory: Path, step: int, tensors: dict, optimizer_state, s
     files = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
     manifest = {"format": FORMAT_VERSION, "step": step, "files": {f: sha256(directory / f) for f in files}}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-    for f in files + [MANIFEST]:
-        fsync_file(directory / f)
 
 
 def check_name(kind: str, name: str) -> None:
@@ -124,18 +114,6 @@ def check_name(kind: str, name: str) -> None:
             or name in (MANIFEST, STATE_NAME) or name.startswith(STATE_NAME + "."):
         raise ValueError(f"save_checkpoint: {kind} name {name!r} must be letters, digits, '_', '-', '.' "
                          f"(not starting with '.', not {STATE_NAME!r} or {MANIFEST!r})")
-
-
-def install(temp: Path, final: Path) -> None:
-    """Rename the finished temp directory to `final`; an existing `final` is moved aside first, then removed."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(final, old)
-    os.replace(temp, final)
-    fsync_dir(final.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def remove_stale_temps(root: Path) -> None:
@@ -233,10 +211,7 @@ def load_checkpoint(path: PathLike, *, optimizer: Optional[torch.optim.Optimizer
             raise ValueError(f"{ckpt.path}: holds no scheduler state, but a scheduler was given to restore")
         scheduler.load_state_dict(ckpt.scheduler)
     if restore_rng:
-        if not 0 <= rank < len(ckpt.rng_states):
-            raise ValueError(f"{ckpt.path}: holds RNG states for {len(ckpt.rng_states)} rank(s), "
-                             f"cannot restore rank {rank}; resume with the same number of processes")
-        restore_rng_state(ckpt.rng_states[rank], f"{ckpt.path} (rank {rank})")
+        restore_rank_rng_state(ckpt.rng_states, rank, ckpt.path)
     return ckpt
 
 
@@ -286,23 +261,3 @@ def sha256(file: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def fsync_file(file: Path) -> None:
-    """Flush a file's bytes to disk (a rename after a crash must not expose empty files)."""
-    with open(file, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def fsync_dir(directory: Path) -> None:
-    """Flush a directory entry (the rename) to disk where the OS allows it."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -8,20 +8,16 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
+from mrgfast.common.names import few
+
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; the message names the step and the batch's sample ids."""
 
     def __init__(self, step: int, batch_ids: Sequence[Any], value: float):
         self.step, self.batch_ids, self.value = step, list(batch_ids), value
-        super().__init__(f"non-finite loss ({value}) at step {step}, batch sample ids {describe_ids(self.batch_ids)}; "
+        super().__init__(f"non-finite loss ({value}) at step {step}, batch sample ids [{few(self.batch_ids, 20)}]; "
                          "the run stops here and the last good checkpoint is left untouched")
-
-
-def describe_ids(ids: Sequence[Any], limit: int = 20) -> str:
-    """The first `limit` ids as text, with the count of the rest."""
-    shown = ", ".join(str(i) for i in ids[:limit])
-    return f"[{shown}{f', ... (+{len(ids) - limit} more)' if len(ids) > limit else ''}]"
 
 
 def check_finite_loss(loss: float, step: int, batch_ids: Sequence[Any]) -> None:

@@ -2,14 +2,14 @@
 
 import json
 import math
-import os
-import tempfile
 import time
 from numbers import Real
 from pathlib import Path
 from typing import Any, Optional, Union
 
 from torch import Tensor
+
+from mrgfast.common.files import atomic_write_text
 
 METRICS_NAME = "metrics.jsonl"
 
@@ -71,11 +71,7 @@ def truncate_after(path: Path, step: int) -> None:
             raise ValueError(f"{path}:{number}: not a metrics record with an integer 'step'")
         if record["step"] <= step:
             kept.append(line)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write("".join(line + "\n" for line in kept))
-    os.chmod(temp, 0o644)
-    os.replace(temp, path)
+    atomic_write_text(path, "".join(line + "\n" for line in kept), mode=0o644)
 
 
 def open_tensorboard(log_dir: Union[str, Path]):

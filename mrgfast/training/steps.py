@@ -1,7 +1,7 @@
 """The training step: forward, fused loss normalised over the whole accumulated batch, backward, clip, AdamW.
 
 Everything here is free of host synchronisation (the loop prepares batches and normalisers on the host first),
-so `train_step` can be captured in a CUDA graph; a CPU test runs it under sync_guard.no_host_sync.
+so `train_step` can be captured in a CUDA graph; a CPU test runs it under mrgfast.testing.sync_guard.no_host_sync.
 """
 
 import contextlib
@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from mrgfast.common.files import atomic_write
 from mrgfast.data.packing import IGNORE_INDEX, PackedBatch
 from mrgfast.data.static_batch import StaticShape, make_static
 from mrgfast.layout import AttentionLayout, OutputRows, Segments
@@ -215,10 +216,8 @@ def precompute_reference_logps(model: nn.Module, batches, device: torch.device,
 
 def save_reference_logps(logps: dict, path: Path) -> None:
     """Write reference log-probs keyed by sample id as safetensors (atomically)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in logps.items()}, str(temp), metadata={"format": "pt"})
-    temp.replace(path)
+    with atomic_write(path) as temp:
+        save_file({k: v.contiguous() for k, v in logps.items()}, str(temp), metadata={"format": "pt"})
 
 
 def load_reference_logps(path: Path) -> dict:

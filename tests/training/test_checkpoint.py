@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
+from mrgfast.common.rng import seed_everything
 from mrgfast.peft import LoraConfig, apply_lora, load_adapter
 from mrgfast.training.checkpoint import (MANIFEST, adapter_writer, copy_tensors_into, latest_checkpoint,
                                          load_checkpoint, read_checkpoint, resolve_resume, save_checkpoint)
 from mrgfast.training.optim import build_adamw
-from mrgfast.common.rng import seed_everything
 from mrgfast.training.schedule import WarmupSchedule
 from mrgfast.training.state_io import same_state
 

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from mrgfast.data.packing import PackingCollator
 from mrgfast.data.static_batch import StaticShape, make_static
+from mrgfast.testing.sync_guard import no_host_sync
 from mrgfast.train import train
 from mrgfast.train.__main__ import main
 from mrgfast.assemble import build_all
@@ -25,7 +26,6 @@ from mrgfast.config import config_to_dict, load_config
 from mrgfast.training.cuda_graph import signature
 from mrgfast.training.guards import NonFiniteLossError
 from mrgfast.training.steps import MicroBatch, StepSettings, prepare, sft_loss, supervised_tokens, train_step
-from mrgfast.training.sync_guard import no_host_sync
 
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 

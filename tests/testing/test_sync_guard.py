@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mrgfast.testing.sync_guard import HostSyncError, no_host_sync
 from mrgfast.training.guards import NonFiniteGuard
 from mrgfast.training.optim import build_adamw
 from mrgfast.training.schedule import WarmupSchedule
-from mrgfast.training.sync_guard import HostSyncError, no_host_sync
 
 X = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
 

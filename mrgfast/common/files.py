@@ -1,0 +1,80 @@
+"""Atomic writes: a file or directory is built under a temp name beside its target, then renamed over it."""
+
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional, Union
+
+PathLike = Union[str, Path]
+
+
+@contextmanager
+def atomic_write(path: PathLike, *, directory: bool = False, mode: Optional[int] = None,
+                 fsync: bool = False) -> Iterator[Path]:
+    """Yield a temp path beside `path` to write (an empty directory with `directory`): renamed over `path` when the
+    block ends (given `mode` first; `fsync`: durably), removed and `path` left as it was when the block raises."""
+    path = Path(path)
+    if not directory and path.is_dir():
+        raise IsADirectoryError(f"cannot write {path}: it is a directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A fresh unique name rather than mkstemp / mkdtemp, whose private 0600 / 0700 mode would survive the rename.
+    temp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
+    if directory:
+        temp.mkdir()
+    try:
+        yield temp
+        if fsync:
+            for file in sorted(p for p in temp.rglob("*") if p.is_file()) if directory else [temp]:
+                fsync_file(file)
+        if mode is not None:
+            os.chmod(temp, mode)
+        old = move_aside(path) if directory else None
+        os.replace(temp, path)
+        if fsync:
+            fsync_dir(path.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if directory:
+            shutil.rmtree(temp, ignore_errors=True)
+        elif os.path.lexists(temp):
+            os.remove(temp)
+
+
+def atomic_write_text(path: PathLike, text: str, *, mode: Optional[int] = None, fsync: bool = False) -> Path:
+    """Write `text` (UTF-8) to `path` atomically (see atomic_write); returns the path."""
+    with atomic_write(path, mode=mode, fsync=fsync) as temp:
+        temp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def move_aside(directory: Path) -> Optional[Path]:
+    """Rename an existing `directory` to a hidden `.<name>.old-XXXXXXXX` beside it, returned (None when there is
+    none): a rename cannot replace a non-empty directory."""
+    if not directory.exists():
+        return None
+    old = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex[:8]}")
+    os.replace(directory, old)
+    return old
+
+
+def fsync_file(file: Path) -> None:
+    """Flush a file's bytes to disk (a rename after a crash must not expose empty files)."""
+    with open(file, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def fsync_dir(directory: Path) -> None:
+    """Flush a directory entry (the rename) to disk where the OS allows it."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

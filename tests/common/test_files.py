@@ -1,0 +1,86 @@
+"""atomic_write / atomic_write_text: the target is replaced whole or left as it was, with no temp file behind."""
+
+import os
+
+import pytest
+
+from mrgfast.common.files import atomic_write, atomic_write_text
+
+
+def umask() -> int:
+    """This process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_text_replaces_the_file_and_leaves_no_temp(tmp_path):
+    path = atomic_write_text(tmp_path / "sub" / "a.txt", "one\n")
+    assert path == tmp_path / "sub" / "a.txt" and path.read_text() == "one\n"
+    atomic_write_text(path, "twö\n", fsync=True)
+    assert path.read_text(encoding="utf-8") == "twö\n"
+    assert os.listdir(path.parent) == ["a.txt"]
+
+
+def test_a_raising_write_keeps_the_old_file_and_removes_the_temp(tmp_path):
+    path = atomic_write_text(tmp_path / "a.bin", "old")
+    with pytest.raises(OSError, match="disk full"):
+        with atomic_write(path) as temp:
+            temp.write_bytes(b"half a fi")
+            raise OSError("disk full")
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["a.bin"]
+
+
+def test_a_failed_rename_keeps_the_old_file_and_removes_the_temp(tmp_path, monkeypatch):
+    path = atomic_write_text(tmp_path / "a.txt", "old")
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_text(path, "new")
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["a.txt"]
+
+
+def test_the_rename_is_the_only_moment_the_file_changes(tmp_path):
+    path = atomic_write_text(tmp_path / "a.txt", "old")
+    with atomic_write(path) as temp:
+        assert temp.parent == tmp_path and temp.name.startswith(".a.txt.tmp-")
+        temp.write_text("new")
+        assert path.read_text() == "old"  # readers see the old file until the block ends
+    assert path.read_text() == "new"
+
+
+def test_mode_is_set_or_left_as_created(tmp_path):
+    assert (atomic_write_text(tmp_path / "plain", "x").stat().st_mode & 0o777) == 0o666 & ~umask()
+    for mode in (0o644, 0o600):
+        assert (atomic_write_text(tmp_path / "set", "x", mode=mode).stat().st_mode & 0o777) == mode
+
+
+def test_a_directory_is_not_overwritten_by_a_file(tmp_path):
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        atomic_write_text(tmp_path, "x")
+
+
+def test_a_directory_replaces_the_old_one_whole(tmp_path):
+    final = tmp_path / "d"
+    with atomic_write(final, directory=True, mode=0o755, fsync=True) as temp:
+        (temp / "a").write_text("1")
+        (temp / "sub").mkdir()
+        (temp / "sub" / "b").write_text("2")
+    assert (final / "sub" / "b").read_text() == "2" and (final.stat().st_mode & 0o777) == 0o755
+    with atomic_write(final, directory=True) as temp:
+        (temp / "c").write_text("3")
+    assert sorted(os.listdir(final)) == ["c"] and os.listdir(tmp_path) == ["d"]
+
+
+def test_a_raising_directory_write_keeps_the_old_directory(tmp_path):
+    final = tmp_path / "d"
+    with atomic_write(final, directory=True) as temp:
+        (temp / "a").write_text("1")
+    with pytest.raises(OSError, match="disk full"):
+        with atomic_write(final, directory=True) as temp:
+            (temp / "b").write_text("2")
+            raise OSError("disk full")
+    assert os.listdir(final) == ["a"] and os.listdir(tmp_path) == ["d"]
