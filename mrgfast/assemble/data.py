@@ -1,14 +1,12 @@
 """Config -> the run's data: the synthetic twin's directory, the samples, the tokenizer, packed lengths and the
 resumable sampler over them."""
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from mrgfast.common.files import build_directory_once
 from mrgfast.config import ConfigError, TrainConfig
 from mrgfast.data import (PackedBatchSampler, PromptBuilder, build_demo_tokenizer, load_tokenizer, read_ct_reports,
                           read_preference_jsonl, read_r2gen, read_report_list, read_slake, read_vqa_rad)
@@ -26,21 +24,9 @@ def synthetic_root(config: TrainConfig) -> Path:
         return Path(data.path)
     root = Path(data.cache_dir) / (f"synthetic-seed{config.seed}-n{data.synthetic_n}-s{data.synthetic_size}"
                                    f"-v{data.synthetic_volumes}-{data.synthetic_volume_size}")
-    if (root / "manifest.json").is_file():
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}.tmp-"))
-    try:
-        generate_demo(temp, seed=config.seed, n=data.synthetic_n, size=data.synthetic_size,
-                      n_volumes=data.synthetic_volumes, volume_size=data.synthetic_volume_size)
-        os.chmod(temp, 0o755)
-        os.rename(temp, root)
-    except OSError:
-        if not (root / "manifest.json").is_file():  # not another process winning the race: a real failure
-            raise
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
-    return root
+    return build_directory_once(root, "manifest.json", lambda temp: generate_demo(
+        temp, seed=config.seed, n=data.synthetic_n, size=data.synthetic_size, n_volumes=data.synthetic_volumes,
+        volume_size=data.synthetic_volume_size))
 
 
 def read_samples(config: TrainConfig, root: Optional[Path]):
@@ -85,18 +71,8 @@ def build_tokenizer(config: TrainConfig, root: Optional[Path]):
         return load_tokenizer(path)
     if root is None:
         raise ConfigError("model.tokenizer_path: real data without a decoder checkpoint needs a tokenizer directory")
-    directory = root / "tokenizer"
-    if (directory / "tokenizer.json").is_file():
-        return load_tokenizer(directory)
-    temp = Path(tempfile.mkdtemp(dir=root, prefix=".tokenizer.tmp-"))
-    try:
-        build_demo_tokenizer(synthetic_texts(root), temp)
-        os.rename(temp, directory)
-    except OSError:
-        if not (directory / "tokenizer.json").is_file():
-            raise
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
+    directory = build_directory_once(root / "tokenizer", "tokenizer.json",
+                                     lambda temp: build_demo_tokenizer(synthetic_texts(root), temp))
     return load_tokenizer(directory)
 
 

@@ -5,7 +5,7 @@ import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 PathLike = Union[str, Path]
 
@@ -78,3 +78,27 @@ def fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def build_directory_once(path: PathLike, marker: str, build: Callable[[Path], object], mode: int = 0o755) -> Path:
+    """`path`, unless it already holds `marker` built by `build(temp)` under a temp name and renamed into place.
+
+    Unlike atomic_write this never replaces a finished directory: when processes race to build the same one, the
+    first rename wins and the others keep its result.
+    """
+    path = Path(path)
+    if (path / marker).is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
+    temp.mkdir()
+    try:
+        build(temp)
+        os.chmod(temp, mode)
+        os.rename(temp, path)
+    except OSError:
+        if not (path / marker).is_file():  # not another process winning the race: a real failure
+            raise
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    return path

@@ -1,10 +1,11 @@
-"""atomic_write / atomic_write_text: the target is replaced whole or left as it was, with no temp file behind."""
+"""atomic_write / atomic_write_text: the target is replaced whole or left as it was, with no temp file behind;
+build_directory_once: a directory built once, the first of racing builders kept."""
 
 import os
 
 import pytest
 
-from mrgfast.common.files import atomic_write, atomic_write_text
+from mrgfast.common.files import atomic_write, atomic_write_text, build_directory_once
 
 
 def umask() -> int:
@@ -84,3 +85,38 @@ def test_a_raising_directory_write_keeps_the_old_directory(tmp_path):
             (temp / "b").write_text("2")
             raise OSError("disk full")
     assert os.listdir(final) == ["a"] and os.listdir(tmp_path) == ["d"]
+
+
+def test_a_directory_is_built_once_and_then_reused(tmp_path):
+    calls = []
+
+    def build(temp):
+        calls.append(temp)
+        (temp / "done.json").write_text("{}")
+
+    target = tmp_path / "cache" / "d"
+    assert build_directory_once(target, "done.json", build) == target
+    assert build_directory_once(target, "done.json", build) == target
+    assert len(calls) == 1 and calls[0] != target and (target.stat().st_mode & 0o777) == 0o755
+    assert os.listdir(target.parent) == ["d"]
+
+
+def test_a_failed_build_leaves_nothing_and_a_lost_race_keeps_the_winner(tmp_path):
+    target = tmp_path / "d"
+
+    def failing(temp):
+        (temp / "half").write_text("x")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        build_directory_once(target, "done.json", failing)
+    assert os.listdir(tmp_path) == []
+
+    def racing(temp):
+        # Another process finishes the same directory while this one builds: its rename then fails.
+        target.mkdir()
+        (target / "done.json").write_text("winner")
+        (temp / "done.json").write_text("loser")
+
+    assert build_directory_once(target, "done.json", racing) == target
+    assert (target / "done.json").read_text() == "winner" and os.listdir(tmp_path) == ["d"]
