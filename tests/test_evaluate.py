@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mrgfast import evaluate
-from mrgfast.assemble.evaluation import load_for_eval, metric_cleaning
+from mrgfast.assemble.evaluation import load_for_eval
 from mrgfast.data import PromptBuilder, clean_report_iu_xray, clean_report_mimic_cxr, label_report
 from mrgfast.data.dataset import MedicalDataset
 from mrgfast.data.packing import PlacedSpan
@@ -144,29 +144,6 @@ def test_bad_arguments_raise(tiny):
     assert (options.limit, options.meteor, options.num_beams) == (None, False, 3)
     assert overrides == ["data.path=/d", "model.dtype=float32"]
     assert evaluate.main(["checkpoint=/nonexistent/step-000001"]) == 2
-
-
-MIMIC = ["data.dataset=mimic_cxr", "data.path=/data/mimic/annotation.json", "data.image_dir=/data/mimic/images"]
-
-
-@pytest.mark.parametrize("overrides, expected", [
-    ([], clean_report_iu_xray),  # the synthetic twin is IU-Xray-like
-    (["data.dataset=iu_xray", "data.path=/data/iu/annotation.json", "data.image_dir=/data/iu/images"],
-     clean_report_iu_xray),
-    (MIMIC, clean_report_mimic_cxr),
-    (MIMIC + ["data.clean=none"], clean_report_mimic_cxr),  # raw MIMIC text is still scored as R2Gen scores it
-    (MIMIC + ["data.clean=iu_xray"], clean_report_iu_xray),  # the run's explicit choice wins
-    (["data.clean=mimic_cxr"], clean_report_mimic_cxr),
-])
-def test_metric_cleaning_is_the_datasets_r2gen_cleaning(overrides, expected):
-    assert metric_cleaning(load_config(DEMO, overrides)) is expected
-
-
-def test_the_two_cleanings_differ_on_raw_mimic_text():
-    # Why the choice matters: a line break ends a sentence only under MIMIC-CXR's cleaning.
-    raw = "Heart size is normal.\nNo pleural effusion.  No  pneumothorax."
-    assert clean_report_mimic_cxr(raw) == "heart size is normal . no pleural effusion . no pneumothorax ."
-    assert clean_report_iu_xray(raw) != clean_report_mimic_cxr(raw)
 
 
 def test_cli_loads_a_trainer_checkpoint(tmp_path, capsys, monkeypatch):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mrgfast.layout import AttentionLayout, Segments
+from mrgfast.layout import Segments
 from mrgfast.models.attention import attention_backend, varlen_attention
 
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
@@ -63,14 +63,6 @@ def test_cpu_and_forced_reference_use_per_document_sdpa(monkeypatch):
     assert attention_backend(q) == "sdpa"
     monkeypatch.setenv("MRGFAST_BACKEND", "reference")
     assert attention_backend(q) == "sdpa"
-
-
-def test_segments_from_cu_seqlens():
-    seg = Segments.from_cu_seqlens(torch.tensor([0, 3, 3, 7], dtype=torch.int32), 7, "cpu")
-    assert seg.bounds == [0, 3, 3, 7] and seg.lengths == [3, 0, 4] and seg.max_len == 4
-    assert seg.cu_seqlens.dtype == torch.int32
-    with pytest.raises(ValueError, match=r"cu_seqlens must rise from 0 to the number of tokens \(7\)"):
-        Segments.from_cu_seqlens([0, 3, 6], 7, "cpu")
 
 
 def test_bad_shapes_raise():
@@ -131,16 +123,11 @@ def test_static_segments_match_dense_reference(dtype, heads, kv_heads):
         torch.testing.assert_close(grad.float(), ref_grad.float(), **TOLERANCE[dtype], msg=name)
 
 
-def test_static_segments_hold_no_host_bounds_and_refuse_other_layouts():
+def test_static_segments_refuse_other_layouts():
     seg = static_segments(STATIC_ROWS, 12, documents=9)
-    assert not seg.on_host and seg.cu_seqlens.shape == (10,)
-    with pytest.raises(ValueError, match="no host-side document lengths"):
-        seg.lengths
     x = torch.zeros(36, 2, 8)
     with pytest.raises(ValueError, match="causal self-attention only"):
         varlen_attention(x, x, x, seg, Segments.from_lengths([12, 12, 12], "cpu"))
-    with pytest.raises(ValueError, match="row width 12 cannot cover 30 tokens"):
-        AttentionLayout.causal(seg).check(30)
 
 
 @pytest.mark.gpu

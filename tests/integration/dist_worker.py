@@ -1,10 +1,13 @@
-"""Workers for the 2-process gloo tests: collectives, a DDP step and an FSDP2 step on one shard of a global batch
-(`run`), and whole training runs of mrgfast.train (`train_runs`)."""
+"""The 2-process gloo tests' machinery: free ports, spawning 2 ranks, and their workers: collectives, a DDP step and an
+FSDP2 step on one shard of a global batch (`run`), whole training runs of mrgfast.train (`train_runs`,
+`gloo_worker`) and of its command line (`cli_worker`)."""
 
 import gc
 import json
 import os
+import random
 import signal
+import socket
 import threading
 
 import torch
@@ -14,6 +17,30 @@ from torch import nn
 from mrgfast.training.distributed import (all_reduce_mean, all_reduce_sum, any_rank, gather_objects,
                                           gradient_sync, init_distributed, teardown, wrap_model)
 from mrgfast.training.fsdp import gather_full_state, scatter_full_state
+
+
+# Ports are drawn below Linux's ephemeral range (32768-60999 by default): a port the kernel hands out (bind to 0)
+# can be taken, before the test's store listens on it, by the outgoing connection of another process group's
+# store client (a stress run picking 25 ports up front failed that way with EADDRINUSE).
+PORT_RANGE = range(20000, 32000)
+_handed_out: set = set()
+_ports = random.Random(os.getpid())
+
+
+def free_port() -> int:
+    """A TCP port on localhost that is free now, outside the ephemeral range and not handed out before."""
+    for _ in range(1000):
+        port = _ports.choice(PORT_RANGE)
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free TCP port in {PORT_RANGE.start}-{PORT_RANGE.stop - 1}")
 
 
 def global_batch():
@@ -151,3 +178,57 @@ def train_runs(rank: int, world_size: int, ports: list, runs: list, out_dir: str
                        "trainable_sharded": all(isinstance(p, DTensor) for p in trainable)})
     with open(os.path.join(out_dir, f"train-rank{rank}.json"), "w", encoding="utf-8") as handle:
         json.dump(report, handle)
+
+
+def become_rank(rank: int, world: int) -> None:
+    """Set up a spawned process as torchrun would for rank `rank` of `world` on this host (MASTER_PORT: the caller's),
+    with one torch thread so the two ranks do not fight over the cores."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1")
+    torch.set_num_threads(1)
+
+
+def gloo_worker(rank, world, ports, configs, queue):
+    """One rank of the 2-process runs (torch.multiprocessing target): trains each config in turn, each in a
+    fresh process group on its own port (re-using one port right after teardown can race)."""
+    become_rank(rank, world)
+    from torch.distributed.tensor import DTensor
+
+    from mrgfast.config import TrainConfig
+    from mrgfast.config.parse import build
+    from mrgfast.train import train
+    runs = []
+    for port, config in zip(ports, configs):
+        os.environ["MASTER_PORT"] = str(port)
+        result = train(build(TrainConfig, config))
+        params = list(result.model.parameters())
+        sharded = [isinstance(p, DTensor) for p in params]
+        runs.append(([r["loss"] for r in result.history], sum(sharded),
+                     any(s for s, p in zip(sharded, params) if p.requires_grad)))
+    queue.put((rank, runs))
+
+
+def cli_worker(rank, world, port, argv, queue):
+    """One rank of a 2-process `python -m mrgfast.train` run: main()'s exit code and the process group threads
+    still running once it has returned."""
+    become_rank(rank, world)
+    os.environ["MASTER_PORT"] = str(port)
+    from mrgfast.train.__main__ import main
+    code = main(argv)
+    queue.put((rank, (code, communication_threads())))
+
+
+def run_two_ranks(target, *args) -> dict:
+    """{rank: what it put on the queue} of `target(rank, 2, *args, queue)` run in 2 spawned processes."""
+    import torch.multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(r, 2, *args, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    for p in procs:
+        if p.is_alive():  # never leave a stuck worker behind
+            p.kill()
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return dict(queue.get(timeout=5) for _ in procs)

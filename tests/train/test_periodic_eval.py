@@ -5,32 +5,15 @@ import json
 
 import pytest
 
-from mrgfast.train import train
 from mrgfast.config import ConfigError, load_config, parse_cli
 from mrgfast.data import clean_report_iu_xray, clean_report_mimic_cxr
+from mrgfast.train import train
 from mrgfast.train.periodic_eval import EVAL_LOG, PeriodicEval
-from tests.training.test_train_loop import DEMO, logged, tiny_overrides
+from tests.tiny_run import cache  # noqa: F401 (a fixture)
+from tests.tiny_run import DEMO, EVAL, eval_lines, logged
+from tests.tiny_run import tiny_with_eval as tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-EVAL = ["eval.split=train", "eval.limit=3", "eval.max_new_tokens=5", "eval.batch_size=2"]  # val has one study here
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """One synthetic twin (and its demo tokenizer) for the whole module."""
-    return tmp_path_factory.mktemp("synthetic-cache")
-
-
-def tiny(cache, out, *extra):
-    """The tiny demo config writing to `out`, with more overrides."""
-    return load_config(DEMO, tiny_overrides(cache) + [f"output_dir={out}", "schedule.max_steps=4",
-                                                      "checkpoint.every_steps=2", *extra])
-
-
-def eval_lines(out) -> list:
-    """The eval.jsonl records of a run."""
-    return [json.loads(line) for line in (out / EVAL_LOG).read_text().splitlines()]
 
 
 def test_every_steps_evaluates_and_training_is_unchanged(cache, tmp_path):
@@ -113,22 +96,6 @@ def test_a_missing_split_fails_before_training(cache, tmp_path):
 def test_bad_eval_settings_name_the_key(argv, message):
     with pytest.raises(ConfigError, match=message):
         parse_cli(argv)
-
-
-def test_two_ddp_processes_evaluate_on_rank_0_only(cache, tmp_path):
-    # Rank 1 waits at the barrier while rank 0 evaluates: both finish, and each evaluation is written once.
-    import torch.multiprocessing as mp
-
-    from mrgfast.config import config_to_dict
-    from tests.training import dist_worker
-    from tests.training.test_distributed import free_port
-    train(tiny(cache, tmp_path / "warm"))  # writes the synthetic twin before the spawned processes read it
-    config = config_to_dict(tiny(cache, tmp_path / "ddp", "device=cpu", "distributed.timeout_s=120",
-                                 "eval.every_steps=2", *EVAL))
-    mp.spawn(dist_worker.train_runs, args=(2, [free_port()], [(config, None)], str(tmp_path)), nprocs=2, join=True)
-    reports = [json.loads((tmp_path / f"train-rank{r}.json").read_text()) for r in range(2)]
-    assert [report[0]["step"] for report in reports] == [4, 4]
-    assert [line["step"] for line in eval_lines(tmp_path / "ddp")] == [2, 4]
 
 
 def test_ct_runs_are_evaluated_with_their_volume_preprocessing(tmp_path_factory, tmp_path):
