@@ -6,7 +6,7 @@ on synthetic report text, and a small ViT pretrained to recognise the synthetic 
 - `decoder/`: an HF-style directory (Llama config.json, model.safetensors, tokenizer files) that
   `mrgfast.models.load_decoder` and `mrgfast.data.load_tokenizer` read;
 - `vision/`: the ViT as `model.safetensors` + `vit_config.json` (constructor arguments and image preprocessing),
-  read back by `load_demo_vit`.
+  read back by `mrgfast.models.vit_io.load_vit` (model.vision_name_or_path).
 A `done.json` marker is written last, so an interrupted run is redone and a finished one is skipped.
 """
 
