@@ -17,7 +17,7 @@ if __package__ in (None, ""):
 import torch
 
 from benchmarks import harness
-from mrgfast.backend import select_backend
+from mrgfast.ops.backend import select_backend
 from mrgfast.ops.affine_prompt import IMPLEMENTED, affine_prompt, reference_affine_prompt
 
 NAME = "affine_prompt"

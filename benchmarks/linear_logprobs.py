@@ -10,9 +10,9 @@ if __package__ in (None, ""):
 import torch
 
 from benchmarks import harness
-from mrgfast.backend import kernel_module, select_backend
+from mrgfast.ops.backend import select_backend
 from mrgfast.ops import linear_logprobs, reference_logprobs
-from mrgfast.ops.linear_cross_entropy import IMPLEMENTED
+from mrgfast.ops.linear_cross_entropy import IMPLEMENTED, kernels as head_kernels
 
 NAME = "linear_logprobs"
 # Qwen2's vocabulary and a 1.5B model's hidden size over 4096 tokens (the issue's shapes).
@@ -68,7 +68,7 @@ def main() -> None:
         """Every step allocates its own gradient."""
         h.grad = None
 
-    kernels = kernel_module("linear_cross_entropy", backend)
+    kernels = head_kernels(backend)
     results = {"frozen_head": harness.measure_case({"naive": naive, "mrgfast": fused}, device, shapes["warmup"],
                                                    shapes["repeats"], "naive", "mrgfast", drop_grad)}
     if backend in ("cpu", "triton"):

@@ -13,7 +13,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from benchmarks import harness
-from mrgfast.backend import select_backend
+from mrgfast.ops.backend import select_backend
 from mrgfast.ops import lora_linear, reference_lora_linear
 from mrgfast.ops.dropout import torch_keep_mask
 from mrgfast.ops.lora_linear import IMPLEMENTED
@@ -83,7 +83,7 @@ def check_close(label: str, got: list[torch.Tensor], want: list[torch.Tensor], d
 def keep_mask_for(backend: str):
     """The function that draws the dropout keep mask `backend` uses for a seed."""
     if backend == "triton":
-        from mrgfast.ops.triton.common import triton_keep_mask
+        from mrgfast.ops.backends.triton.common import triton_keep_mask
         return triton_keep_mask
     return torch_keep_mask
 

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from benchmarks import harness
-from mrgfast.backend import ENV_VAR, select_backend
+from mrgfast.ops.backend import ENV_VAR, select_backend
 from mrgfast.layers.token_group_projector import TokenGroupProjector
-from mrgfast.native import cuda_kernels_built
+from mrgfast.ops.backends.native.extension import cuda_kernels_built
 from mrgfast.ops.group_tokens import IMPLEMENTED, group_layout, group_tokens, reference_group_tokens
 
 NAME = "token_grouping"

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mrgfast.backend import requested_backend
+from mrgfast.ops.backend import requested_backend
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mrgfast.backend import triton_interpreting
+from mrgfast.ops.backend import triton_interpreting
 from mrgfast.ops.dropout import torch_keep_mask
 
 # Relative-to-max error allowed against the fp32 reference, by input dtype (one table for every op).
@@ -24,7 +24,7 @@ def keep_mask_of(backend: str, rows: int, cols: int, p: float, seed: int, device
     if p == 0.0:
         return None
     if backend == "triton":
-        from mrgfast.ops.triton.common import triton_keep_mask
+        from mrgfast.ops.backends.triton.common import triton_keep_mask
         return triton_keep_mask(rows, cols, p, seed, device)
     return torch_keep_mask(rows, cols, p, seed, torch.device(device))
 

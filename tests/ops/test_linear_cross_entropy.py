@@ -4,10 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import mrgfast.ops.linear_cross_entropy_cpu as cpu_kernels
-from mrgfast.backend import kernel_module
+from mrgfast.ops.backends.torch import linear_cross_entropy as cpu_kernels
 from mrgfast.ops.linear_cross_entropy import (
-    check_labels, linear_cross_entropy, linear_logprobs, reference_logprobs,
+    check_labels, kernels, linear_cross_entropy, linear_logprobs, reference_logprobs,
 )
 from tests.ops.lora_cases import BACKENDS, TOLERANCE, use_backend
 from tests.ops.lora_cases import assert_close as assert_close_to
@@ -148,7 +147,7 @@ def test_many_chunks_match_one(monkeypatch, backend):
     if backend == "cpu":
         monkeypatch.setattr(cpu_kernels, "CHUNK_BUDGET_BYTES", 4 * 2003 * 7)  # 7 tokens a chunk
     else:
-        import mrgfast.ops.triton.linear_cross_entropy as triton_kernels
+        from mrgfast.ops.backends.triton import linear_cross_entropy as triton_kernels
         monkeypatch.setattr(triton_kernels, "CHUNK_BUDGET_BYTES", 4 * 2003 * 16)
     chunked = linear_cross_entropy(hidden, weight, labels, b)
     assert_close(chunked, one_chunk, torch.float32, "loss")
@@ -160,12 +159,12 @@ def test_many_chunks_match_one(monkeypatch, backend):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_recompute_in_backward_equals_grad_in_forward(monkeypatch, backend, dtype):
     use_backend(monkeypatch, backend)
-    kernels = kernel_module("linear_cross_entropy", backend)
+    chosen = kernels(backend)
     hidden, weight, b, labels = make_head(33, 16, 999, dtype)
     upstream = torch.randn(33)
     results = []
     for grad_in_forward in (True, False):
-        monkeypatch.setattr(kernels, "GRAD_IN_FORWARD", grad_in_forward)
+        monkeypatch.setattr(chosen, "GRAD_IN_FORWARD", grad_in_forward)
         out = linear_cross_entropy(hidden, weight, labels, b, reduction="none", label_smoothing=0.1)
         results.append((out, grads_of(out, upstream, (hidden,))[0]))
     assert_close(results[0][0], results[1][0], dtype, "loss")

@@ -1,6 +1,6 @@
 """Every Triton kernel has an ahead-of-time compile spec whose signature names real arguments."""
 
-from mrgfast.ops.triton.aot import collect_specs, constexpr_names
+from mrgfast.ops.backends.triton.aot import collect_specs, constexpr_names
 
 
 def test_every_kernel_is_covered_by_a_spec():

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mrgfast.backend import triton_interpreting
+from mrgfast.ops.backend import triton_interpreting
 
 
 @triton.jit
@@ -89,7 +89,7 @@ def split_for_parallelism(reduction: int, tiles: int, device: torch.device, rows
 
 def aot_specs():
     """The mask kernel, compiled ahead of time like every other kernel (no tensor cores involved)."""
-    from mrgfast.ops.triton.aot import AotSpec
+    from mrgfast.ops.backends.triton.aot import AotSpec
 
     return [AotSpec("int8 mask", keep_mask_kernel, {"OUT": "*i8"}, dict(BLOCK_M=32, BLOCK_K=32),
                     floats=("p",), tensor_cores=())]

@@ -6,14 +6,14 @@ import torch
 import triton
 import triton.language as tl
 
-from mrgfast.ops.triton.common import launch_settings, split_for_parallelism
-from mrgfast.ops.triton.lora_linear import matmul_tn
+from mrgfast.ops.backends.triton.common import launch_settings, split_for_parallelism
+from mrgfast.ops.backends.triton.lora_linear import matmul_tn
 
 # With a frozen head, the forward can form dL/dh (as Liger does): per chunk of tokens, the logits from
 # one cuBLAS GEMM, a row kernel turning them into dL/dlogits in place, a second GEMM: 2 GEMMs instead of
 # the 3 of recomputing (fused online-logsumexp forward + recomputed logits in backward + dL/dh GEMM),
 # for two extra passes over a [chunk, vocab] buffer. Chosen by the CPU measurement and that count
-# (benchmarks/linear_logprobs.py times both modes; it has not yet run on a GPU).
+# (benchmarks/linear_cross_entropy.py times both modes; it has not yet run on a GPU).
 GRAD_IN_FORWARD = True
 # Bytes of logits / dL/dlogits (in the hidden dtype) one chunk of tokens may hold.
 CHUNK_BUDGET_BYTES = 256 * 2**20
@@ -268,8 +268,8 @@ def token_loss_backward(grad_losses, hidden, weight, bias, labels, lse, ignore_i
 
 
 def aot_specs():
-    """The variants CI compiles ahead of time for sm_80 and sm_90 (see mrgfast.ops.triton.aot)."""
-    from mrgfast.ops.triton.aot import AotSpec
+    """The variants CI compiles ahead of time for sm_80 and sm_90 (see mrgfast.ops.backends.triton.aot)."""
+    from mrgfast.ops.backends.triton.aot import AotSpec
 
     specs = []
     for dtype, precision, (block_n, block_v, warps) in (("bf16", "ieee", (128, 128, 8)),

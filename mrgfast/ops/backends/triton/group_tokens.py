@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mrgfast.ops.triton.common import launch_settings
+from mrgfast.ops.backends.triton.common import launch_settings
 
 BLOCK_ROWS = 16  # slots (or tokens) per program: rows are copied whole, D is tiled by BLOCK_D
 
@@ -106,7 +106,7 @@ def ungroup(grad: torch.Tensor, layout) -> torch.Tensor:
 
 def aot_specs():
     """The gather and its inverse for bf16 and fp32, 1d (1 x 4) and 2d (2 x 2) groups; pure copies, no dots."""
-    from mrgfast.ops.triton.aot import AotSpec
+    from mrgfast.ops.backends.triton.aot import AotSpec
 
     specs = []
     for dtype in ("bf16", "fp32"):

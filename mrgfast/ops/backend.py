@@ -1,6 +1,8 @@
-"""Backend selection: which implementation an op runs for a given tensor (MRGFAST_BACKEND)."""
+"""Backend selection: which implementation an op runs for a given tensor (MRGFAST_BACKEND).
 
-import importlib
+Each op module maps the name chosen here to its kernel module in mrgfast.ops.backends (its `kernels()`).
+"""
+
 import importlib.util
 import os
 
@@ -60,14 +62,3 @@ def select_backend(op: str, tensor: torch.Tensor, implemented: tuple[str, ...]) 
         raise RuntimeError(f"{op}: {ENV_VAR}=cpu needs CPU tensors, got a tensor on {tensor.device}")
     return forced
 
-
-def kernel_module(op: str, backend: str):
-    """The module with `op`'s kernels for `backend`: mrgfast.ops.triton.<op>, mrgfast.ops.<op>_cpu or _cuda.
-
-    Imported on first use, so triton stays optional for CPU-only installs.
-    """
-    if backend == "triton":
-        return importlib.import_module(f"mrgfast.ops.triton.{op}")
-    if backend in ("cpu", "cuda"):
-        return importlib.import_module(f"mrgfast.ops.{op}_{backend}")
-    raise ValueError(f"{op}: no kernel module for backend {backend!r}")

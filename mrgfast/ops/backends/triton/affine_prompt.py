@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from mrgfast.ops.triton.common import launch_settings
+from mrgfast.ops.backends.triton.common import launch_settings
 
 
 @triton.jit
@@ -198,7 +198,7 @@ def affine_backward(grad: Tensor, prompts: Tensor, gamma: Tensor, weights: Optio
 
 def aot_specs():
     """The variants CI compiles ahead of time for sm_80 and sm_90 (no tl.dot, so no tensor cores)."""
-    from mrgfast.ops.triton.aot import AotSpec
+    from mrgfast.ops.backends.triton.aot import AotSpec
 
     specs = []
     for dtype in ("bf16", "fp32"):

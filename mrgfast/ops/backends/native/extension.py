@@ -44,6 +44,11 @@ def cuda_native_module():
     return module
 
 
+def module_for(tensor: Tensor):
+    """mrgfast._C for kernels on `tensor`'s device: with its CUDA kernels (else a RuntimeError) for CUDA tensors."""
+    return cuda_native_module() if tensor.is_cuda else native_module()
+
+
 def dtype_code(tensor: Tensor, name: str) -> int:
     """The native dtype code of `tensor`, or a ValueError naming the argument."""
     try:

@@ -1,6 +1,6 @@
 """Ahead-of-time compilation of every Triton kernel for real GPUs, on a machine without one.
 
-`python -m mrgfast.ops.triton.aot` compiles each kernel variant listed by the kernel modules'
+`python -m mrgfast.ops.backends.triton.aot` compiles each kernel variant listed by the kernel modules'
 `aot_specs()` for sm_80 and sm_90 and fails on a compile error, on a kernel (a `*_kernel`
 JIT function) that no spec covers, or on a tensor-core path that went missing from the PTX.
 """
@@ -65,10 +65,10 @@ def constexpr_names(kernel) -> set:
 
 
 def kernel_modules():
-    """Every module of mrgfast.ops.triton (each may define aot_specs())."""
-    package = importlib.import_module("mrgfast.ops.triton")
+    """Every module of mrgfast.ops.backends.triton (each may define aot_specs())."""
+    package = importlib.import_module("mrgfast.ops.backends.triton")
     names = [info.name for info in pkgutil.iter_modules(package.__path__) if info.name != "aot"]
-    return [importlib.import_module(f"mrgfast.ops.triton.{name}") for name in sorted(names)]
+    return [importlib.import_module(f"mrgfast.ops.backends.triton.{name}") for name in sorted(names)]
 
 
 def collect_specs():

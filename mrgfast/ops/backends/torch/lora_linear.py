@@ -1,4 +1,4 @@
-"""CPU LoRA linear: the base GEMMs accumulate onto the r-wide LoRA terms; dropout works one row block at a time."""
+"""Torch LoRA linear ("cpu" backend): base GEMMs accumulate onto the r-wide LoRA terms; dropout by row blocks."""
 
 import functools
 import threading

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mrgfast.ops.triton.common import (
+from mrgfast.ops.backends.triton.common import (
     grouped_program_ids, keep_mask, launch_settings, padded_rank, split_for_parallelism,
 )
 
@@ -318,8 +318,8 @@ def lora_backward(grad_y, x, weight, lora_a, lora_b, xa, scaling, dropout_p, see
 
 
 def aot_specs():
-    """The variants CI compiles ahead of time for sm_80 and sm_90 (see mrgfast.ops.triton.aot)."""
-    from mrgfast.ops.triton.aot import AotSpec
+    """The variants CI compiles ahead of time for sm_80 and sm_90 (see mrgfast.ops.backends.triton.aot)."""
+    from mrgfast.ops.backends.triton.aot import AotSpec
 
     floats = ("scaling", "dropout_p", "alpha")
     # (dtype, dot precision, ranks, dropout settings, (BLOCK_M, output block, warps)): bf16 is the training

@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mrgfast.ops.triton.common import grouped_program_ids, launch_settings
-from mrgfast.ops.triton.group_tokens import layout_args, slot_source
+from mrgfast.ops.backends.triton.common import grouped_program_ids, launch_settings
+from mrgfast.ops.backends.triton.group_tokens import layout_args, slot_source
 
 MAX_DIM = 16384  # the LayerNorm backward keeps a whole token row on chip
 
@@ -348,8 +348,8 @@ def backward(grad_y, x, weight, norm_weight, norm_bias, saved, layout, normalize
 
 
 def aot_specs():
-    """The variants CI compiles ahead of time for sm_80 and sm_90 (see mrgfast.ops.triton.aot)."""
-    from mrgfast.ops.triton.aot import AotSpec
+    """The variants CI compiles ahead of time for sm_80 and sm_90 (see mrgfast.ops.backends.triton.aot)."""
+    from mrgfast.ops.backends.triton.aot import AotSpec
 
     specs = []
     plans = [("bf16", "ieee", (128, 128, 64, 8), (80, 90)), ("fp32", "tf32", (64, 64, 32, 4), (80, 90)),

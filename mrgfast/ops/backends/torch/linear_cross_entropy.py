@@ -1,10 +1,10 @@
-"""CPU token losses: chunks of tokens whose [chunk, vocab] fp32 logits fit a memory budget."""
+"""Torch token losses (the "cpu" backend): chunks of tokens whose [chunk, vocab] fp32 logits fit a memory budget."""
 
 import torch
 
 # Bytes of fp32 logits one chunk may hold; the chunk's softmax reuses that buffer in place.
 CHUNK_BUDGET_BYTES = 256 * 2**20
-# Measured (benchmarks/linear_logprobs.py): forming dL/dh from the forward's chunk of logits saves the
+# Measured (benchmarks/linear_cross_entropy.py): forming dL/dh from the forward's chunk of logits saves the
 # backward's recomputation of every logits GEMM when the head is frozen (the LoRA case).
 GRAD_IN_FORWARD = True
 
