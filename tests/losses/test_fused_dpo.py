@@ -212,3 +212,15 @@ def test_validate_checks_labels_and_boundaries():
     with pytest.raises(ValueError, match="cu_seqlens"):
         fused_dpo_loss(batch["hidden"], batch["weight"], batch["labels"], cu, ref_logps=batch["ref_logps"],
                        validate=True)
+
+
+@pytest.mark.gpu
+def test_fused_dpo_on_gpu_runs_and_is_finite():
+    hidden = torch.randn(64, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(1001, 128, device="cuda", dtype=torch.bfloat16) / 11
+    labels = torch.randint(0, 1001, (64,), device="cuda")
+    cu_seqlens = torch.tensor([0, 16, 32, 48, 64], device="cuda", dtype=torch.int32)
+    loss, metrics = fused_dpo_loss(hidden, weight, labels, cu_seqlens, ref_logps=torch.zeros(4, device="cuda"))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(hidden.grad).all()
+    assert set(metrics) >= {"rewards/chosen", "rewards/margins", "logps/rejected"}

@@ -10,12 +10,14 @@ from mrgfast.ops.dropout import torch_keep_mask
 TOLERANCE = {torch.float32: 5e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 BACKENDS = ["reference", "cpu", pytest.param("triton", marks=pytest.mark.triton)]
+# The backends of the tests marked gpu, never skipped there: an mrgfast._C built without CUDA kernels fails loudly.
+GPU_BACKENDS = ["triton", "cuda"]
 
 
 def use_backend(monkeypatch, backend: str) -> None:
     """Force `backend` for this test; Triton on CPU tensors needs the interpreter."""
     if backend == "triton" and not triton_interpreting():
-        pytest.skip("Triton on CPU tensors runs only in the interpreter (TRITON_INTERPRET=1); GPU runs: tests/gpu")
+        pytest.skip("Triton on CPU tensors runs only in the interpreter (TRITON_INTERPRET=1); GPU runs: -m gpu")
     monkeypatch.setenv("MRGFAST_BACKEND", backend)
 
 

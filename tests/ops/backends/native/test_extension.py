@@ -42,3 +42,8 @@ def test_cpu_threads_follow_torch(monkeypatch):
 
 def test_cpu_tensors_get_the_cpu_build():
     assert extension.module_for(torch.zeros(1)) is extension.native_module()
+
+
+@pytest.mark.gpu
+def test_cuda_kernels_are_built():
+    assert extension.cuda_kernels_built(), "mrgfast._C has no CUDA kernels: reinstall with nvcc and a CUDA torch present"

@@ -5,7 +5,7 @@ import torch
 
 from mrgfast.layers.affine_prompt import AffinePromptGenerator
 from mrgfast.ops.affine_prompt import reference_affine_prompt
-from tests.ops.lora_cases import BACKENDS, assert_close, use_backend
+from tests.ops.lora_cases import BACKENDS, GPU_BACKENDS, assert_close, use_backend
 
 VISUAL, LLM, PROMPTS, BATCH, TOKENS = 12, 37, 5, 3, 7
 
@@ -132,3 +132,21 @@ def test_bad_constructor_arguments(kwargs, match):
 def test_bad_visual_features(shape):
     with pytest.raises(ValueError, match="visual_features"):
         make_generator()(torch.zeros(shape))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_generator_on_gpu_matches_reference_backend(monkeypatch, backend):
+    torch.manual_seed(0)
+    generator = AffinePromptGenerator(64, 256, 8, book_size=4, hidden_dim=32).cuda()
+    with torch.no_grad():
+        generator.film.weight.normal_(0.0, 0.1)
+        generator.mixer.weight.normal_(0.0, 0.1)
+    features = torch.randn(3, 10, 64, device="cuda", requires_grad=True)
+    results = {}
+    for name in ("reference", backend):
+        monkeypatch.setenv("MRGFAST_BACKEND", name)
+        out = generator(features)
+        results[name] = [out, *torch.autograd.grad(out.square().sum(), [features, *generator.parameters()])]
+    for got, want in zip(results[backend], results["reference"]):
+        assert_close(got, want, torch.float32, "generator")
