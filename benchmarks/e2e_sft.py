@@ -1,6 +1,6 @@
 """Benchmark: one multimodal SFT step end to end, mrgfast vs what a user writes today with HF transformers + PEFT.
 
-Model (both sides, same weights): a frozen ViT -> trainable TokenGroupProjector (2 consecutive patches per visual
+Model (both sides, same weights): a frozen ViT -> trainable GroupedProjection (2 consecutive patches per visual
 token) -> a Llama-style decoder (frozen; LoRA r=64, alpha=16, dropout 0.05 on q_proj and v_proj, PeFoMed's) with
 Llama-2's 32k vocabulary. Data: the synthetic IU-Xray-like reports (two views per study) under PeFoMed's prompt.
 
@@ -43,7 +43,7 @@ from mrgfast.data import MedicalDataset, PackingCollator, PromptBuilder
 from mrgfast.data.images import ImageConfig
 from mrgfast.data.packing import IGNORE_INDEX, plan_batches
 from mrgfast.data.synthetic import demo_samples
-from mrgfast.layers.token_group_projector import TokenGroupProjector
+from mrgfast.layers.grouped_projection import GroupedProjection
 from mrgfast.models import ViT
 from mrgfast.models.multimodal import MultimodalLM
 from mrgfast.training.optim import build_adamw
@@ -134,7 +134,7 @@ def build(shape: dict, data: DemoData, device: torch.device) -> Setup:
     torch.manual_seed(1)
     vit = ViT(shape["image_size"], shape["patch"], 3, shape["vit_dim"], shape["vit_depth"], shape["vit_heads"],
               cls_token=False).requires_grad_(False)
-    projector = TokenGroupProjector(shape["vit_dim"], shape["hidden"], shape["group"])
+    projector = GroupedProjection(shape["vit_dim"], shape["hidden"], shape["group"])
     mrg = MultimodalLM(decoder, vision=vit, adapters={"image": projector}).to(device)
     hf = HFMultimodal(vit, copy.deepcopy(projector), peft_llm, 0).to(device)
     builder = PromptBuilder(tokenizer, "pefomed", **mrg.builder_kwargs("pefomed", views=VIEWS))

@@ -1,4 +1,4 @@
-"""Benchmark: a PeFoMed-style training step (frozen ViT -> TokenGroupProjector -> LoRA decoder -> fused loss ->
+"""Benchmark: a PeFoMed-style training step (frozen ViT -> GroupedProjection -> LoRA decoder -> fused loss ->
 backward) without and with mrgfast's FeatureCache.
 
 Variants: no_cache runs the frozen encoder every step (under no_grad, as MultimodalLM does for a frozen tower);
@@ -22,7 +22,7 @@ from benchmarks import harness
 from mrgfast.data.packing import PackingCollator
 from mrgfast.data.prompts import PromptBuilder
 from mrgfast.data.tokenizer import build_demo_tokenizer
-from mrgfast.layers.token_group_projector import TokenGroupProjector
+from mrgfast.layers.grouped_projection import GroupedProjection
 from mrgfast.models import Decoder, DecoderConfig, ViT
 from mrgfast.models.feature_cache import FeatureCache
 from mrgfast.models.multimodal import MultimodalLM
@@ -49,7 +49,7 @@ def build(config: dict, tokenizer, device, dtype) -> MultimodalLM:
                                     num_hidden_layers=layers, num_attention_heads=n_heads))
     apply_lora(decoder, LoraConfig(r=16, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
     vit = ViT(image, patch, dim=dim, depth=depth, heads=heads).requires_grad_(False)
-    model = MultimodalLM(decoder, vit, {"image": TokenGroupProjector(dim, hidden, 4)})
+    model = MultimodalLM(decoder, vit, {"image": GroupedProjection(dim, hidden, 4)})
     return model.to(device=device, dtype=dtype).train()
 
 

@@ -1,5 +1,5 @@
 """Benchmark: visual-token grouping, forward+backward. The projector (LayerNorm -> group -> Linear) as eager
-torch modules vs mrgfast's TokenGroupProjector, with x frozen (PeFoMed) and trainable; and the plain 2d
+torch modules vs mrgfast's GroupedProjection, with x frozen (PeFoMed) and trainable; and the plain 2d
 group_tokens op (torch pad + permute copy vs mrgfast's kernel)."""
 
 import contextlib
@@ -16,7 +16,7 @@ from torch import nn
 
 from benchmarks import harness
 from mrgfast.ops.backend import ENV_VAR, select_backend
-from mrgfast.layers.token_group_projector import TokenGroupProjector
+from mrgfast.layers.grouped_projection import GroupedProjection
 from mrgfast.ops.backends.native.extension import cuda_kernels_built
 from mrgfast.ops.group_tokens import IMPLEMENTED, group_layout, group_tokens, reference_group_tokens
 
@@ -53,7 +53,7 @@ def forced_backend(name):
 class EagerProjector(nn.Module):
     """What PeFoMed / Qwen2-VL run: nn.LayerNorm, the view / permute grouping, nn.Linear, under autograd."""
 
-    def __init__(self, mine: TokenGroupProjector, grid):
+    def __init__(self, mine: GroupedProjection, grid):
         super().__init__()
         self.norm = nn.LayerNorm(mine.in_dim, eps=mine.eps, device=mine.proj.weight.device,
                                  dtype=mine.proj.weight.dtype)
@@ -129,11 +129,11 @@ def gpu_variants(make):
 
 
 def projector_cases(shapes, device, dtype, warmup, repeats):
-    """Eager vs TokenGroupProjector, x frozen (PeFoMed: ViT and ln_vision frozen) and x + norm trainable."""
+    """Eager vs GroupedProjection, x frozen (PeFoMed: ViT and ln_vision frozen) and x + norm trainable."""
     results = {}
     for case, (batch, tokens, dim, out, group, mode, grid) in shapes.items():
         torch.manual_seed(0)
-        mine = TokenGroupProjector(dim, out, group, mode=mode, grid=grid, device=device, dtype=dtype)
+        mine = GroupedProjection(dim, out, group, mode=mode, grid=grid, device=device, dtype=dtype)
         with torch.no_grad():
             mine.norm.weight.normal_(1.0, 0.1)
             mine.norm.bias.normal_(0.0, 0.1)

@@ -1,4 +1,4 @@
-"""TokenGroupProjector: per-token LayerNorm -> visual-token grouping -> Linear, computed by one fused op."""
+"""GroupedProjection: per-token LayerNorm -> visual-token grouping -> Linear, computed by one fused op."""
 
 from typing import Optional
 
@@ -10,11 +10,11 @@ from mrgfast.ops.grouped_projection import grouped_projection
 NORMS = ("layernorm", None)
 
 
-class TokenGroupProjector(nn.Module):
+class GroupedProjection(nn.Module):
     """LayerNorm(in_dim) per token, concatenate `group` tokens (1d or s x s 2d), then Linear(group*in_dim, out_dim).
 
-    PeFoMed: TokenGroupProjector(1408, 4096, 4) with the frozen EVA `ln_vision` as `norm` (nn.LayerNorm, eps 1e-5)
-    and `llama_proj` as `proj`. Qwen2-VL's merger front: TokenGroupProjector(1280, d, 4, mode="2d"), grid at call.
+    PeFoMed: GroupedProjection(1408, 4096, 4) with the frozen EVA `ln_vision` as `norm` (nn.LayerNorm, eps 1e-5)
+    and `llama_proj` as `proj`. Qwen2-VL's merger front: GroupedProjection(1280, d, 4, mode="2d"), grid at call.
     Submodules `norm` (an nn.LayerNorm, or None) and `proj` (an nn.Linear) keep the usual state-dict keys; freeze
     `norm` (requires_grad_(False)) and its gradients are skipped, as is x's gradient when x does not require it.
     """
@@ -44,7 +44,7 @@ class TokenGroupProjector(nn.Module):
         """x [B, N, in_dim] -> [B, groups, out_dim]; `grid` (2d) overrides the one given at construction."""
         grid = grid if grid is not None else self.grid
         if self.mode == "2d" and grid is None:
-            raise ValueError("TokenGroupProjector(mode='2d') needs grid=(h, w): at construction or in forward")
+            raise ValueError("GroupedProjection(mode='2d') needs grid=(h, w): at construction or in forward")
         norm = self.norm
         return grouped_projection(x, self.proj.weight, self.proj.bias, self.group, self.mode,
                                   grid if self.mode == "2d" else None, self.pad, normalize=norm is not None,

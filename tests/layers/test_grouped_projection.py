@@ -1,15 +1,15 @@
-"""TokenGroupProjector against the eager nn.LayerNorm -> grouping -> nn.Linear modules it replaces."""
+"""GroupedProjection against the eager nn.LayerNorm -> grouping -> nn.Linear modules it replaces."""
 
 import pytest
 import torch
 from torch import nn
 
-from mrgfast.layers.token_group_projector import TokenGroupProjector
+from mrgfast.layers.grouped_projection import GroupedProjection
 from mrgfast.ops.group_tokens import group_layout, reference_group_tokens
 from tests.ops.lora_cases import BACKENDS, assert_close, use_backend
 
 
-def eager_twin(layer: TokenGroupProjector):
+def eager_twin(layer: GroupedProjection):
     """nn.LayerNorm and nn.Linear holding copies of the layer's weights (what PeFoMed runs)."""
     norm = None
     if layer.norm is not None:
@@ -20,7 +20,7 @@ def eager_twin(layer: TokenGroupProjector):
     return norm, proj
 
 
-def randomise(layer: TokenGroupProjector) -> TokenGroupProjector:
+def randomise(layer: GroupedProjection) -> GroupedProjection:
     """Norm weights away from 1/0, so their handling shows in the outputs."""
     torch.manual_seed(3)
     if layer.norm is not None:
@@ -40,7 +40,7 @@ def test_matches_eager_modules(monkeypatch, backend, mode, grid, pad, norm, bias
     use_backend(monkeypatch, backend)
     torch.manual_seed(0)
     tokens = grid[0] * grid[1] if grid else 12
-    layer = randomise(TokenGroupProjector(40, 33, 4, mode=mode, norm=norm, bias=bias, pad=pad))
+    layer = randomise(GroupedProjection(40, 33, 4, mode=mode, norm=norm, bias=bias, pad=pad))
     eager_norm, eager_proj = eager_twin(layer)
     x = torch.randn(2, tokens, 40, requires_grad=True)
     x_eager = x.detach().clone().requires_grad_()
@@ -60,7 +60,7 @@ def test_matches_eager_modules(monkeypatch, backend, mode, grid, pad, norm, bias
 
 
 def test_frozen_norm_and_input_get_no_gradients():
-    layer = randomise(TokenGroupProjector(24, 10, 4))
+    layer = randomise(GroupedProjection(24, 10, 4))
     layer.norm.requires_grad_(False)  # PeFoMed: ln_vision belongs to the frozen ViT
     x = torch.randn(1, 8, 24)
     layer(x).sum().backward()
@@ -69,7 +69,7 @@ def test_frozen_norm_and_input_get_no_gradients():
 
 
 def test_grid_at_construction_or_call_and_state_dict_keys():
-    layer = TokenGroupProjector(8, 6, 4, mode="2d", grid=(2, 4))
+    layer = GroupedProjection(8, 6, 4, mode="2d", grid=(2, 4))
     x = torch.randn(1, 8, 8)
     assert torch.equal(layer(x), layer(x, grid=(2, 4)))
     assert layer(x.view(1, 8, 8), grid=(4, 2)).shape == (1, 2, 6)
@@ -86,11 +86,11 @@ def test_grid_at_construction_or_call_and_state_dict_keys():
 ])
 def test_bad_construction_raises(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        TokenGroupProjector(8, 6, **kwargs)
+        GroupedProjection(8, 6, **kwargs)
 
 
 def test_2d_without_grid_or_with_wrong_features_raises():
     with pytest.raises(ValueError, match=r"needs grid=\(h, w\)"):
-        TokenGroupProjector(8, 6, 4, mode="2d")(torch.randn(1, 16, 8))
+        GroupedProjection(8, 6, 4, mode="2d")(torch.randn(1, 16, 8))
     with pytest.raises(ValueError, match=r"weight must be \[out, group \* D\]"):
-        TokenGroupProjector(8, 6, 4, norm=None)(torch.randn(1, 16, 7))
+        GroupedProjection(8, 6, 4, norm=None)(torch.randn(1, 16, 7))
