@@ -232,11 +232,8 @@ def step_functions(setup: Setup, device: torch.device) -> dict:
 
 def main() -> None:
     """Check both agree on the first batch, then time and memory-profile full SFT steps, alternating."""
-    args = harness.parse_args(NAME, __doc__)
-    run = harness.start_run()
-    shape = QUICK if args.quick else FULL
-    device = harness.default_device()
-    dtype = harness.compute_dtype(device)
+    run = harness.open_run(NAME, __doc__, QUICK, FULL)
+    shape, device, dtype = run.shape, run.device, run.dtype
     data = DemoData(shape["n"], shape["image_size"])
     try:
         setup = build(shape, data, device)
@@ -258,14 +255,13 @@ def main() -> None:
     base, every_row = variants["hf_peft"], variants["mrgfast_all_rows"]
     result["ablation_all_rows_speed_ratio"] = base["median_ms"] / every_row["median_ms"]
     result["ablation_all_rows_memory_ratio"] = every_row["peak_bytes"] / base["peak_bytes"]
-    config = {"mode": "quick" if args.quick else "full", "device": device.type, "dtype": str(dtype).split(".")[-1],
-              **shape, "views": VIEWS, "lora": LORA, "lr": LR, "max_grad_norm": MAX_GRAD_NORM, **stats,
-              "agreement": agreement,
-              "throughput": "tokens_per_s counts real (non-pad) tokens of the step's samples, visual tokens "
-                            "included; supervised_tokens_per_s counts answer tokens; both sides train on the same "
-                            "samples per step, so either ratio equals the step-time ratio",
-              "step": "forward, loss, backward, clip 1.0, AdamW, zero grads; collation done before timing"}
-    harness.write_report(NAME, config, {"sft_step": result}, args.out, run)
+    run.report({**shape, "views": VIEWS, "lora": LORA, "lr": LR, "max_grad_norm": MAX_GRAD_NORM, **stats,
+                "agreement": agreement,
+                "throughput": "tokens_per_s counts real (non-pad) tokens of the step's samples, visual tokens "
+                              "included; supervised_tokens_per_s counts answer tokens; both sides train on the same "
+                              "samples per step, so either ratio equals the step-time ratio",
+                "step": "forward, loss, backward, clip 1.0, AdamW, zero grads; collation done before timing"},
+               {"sft_step": result})
 
 
 if __name__ == "__main__":

@@ -94,11 +94,8 @@ def check_same(plain: MultimodalLM, cached: MultimodalLM, batch, dtype) -> float
 
 def main() -> None:
     """Check the cached step against the plain one, then time and memory-profile the three variants."""
-    args = harness.parse_args(NAME, __doc__)
-    run = harness.start_run()
-    config = QUICK if args.quick else FULL
-    device = harness.default_device()
-    dtype = harness.compute_dtype(device)
+    run = harness.open_run(NAME, __doc__, QUICK, FULL)
+    config, device, dtype = run.shape, run.device, run.dtype
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = build_demo_tokenizer(TEXTS * 4, Path(tmp) / "tokenizer", vocab_size=400)
         plain = build(config, tokenizer, device, dtype)
@@ -133,17 +130,16 @@ def main() -> None:
         case["max_relative_error"] = worst
         results = {"pefomed_step": case}
         image, patch, dim, depth, heads = config["vit"]
-        report_config = {
-            "mode": "quick" if args.quick else "full", "device": device.type, "dtype": str(dtype).split(".")[-1],
-            "warmup": config["warmup"], "repeats": config["repeats"], "vit": dict(image=image, patch=patch, dim=dim,
-                                                                                  depth=depth, heads=heads),
+        run.report({
+            "warmup": config["warmup"], "repeats": config["repeats"],
+            "vit": dict(image=image, patch=patch, dim=dim, depth=depth, heads=heads),
             "decoder": dict(zip(("hidden", "intermediate", "layers", "heads"), config["decoder"])),
             "images_per_step": config["samples"] * config["views"], "tokens_per_step": batch.input_ids.numel(),
             "step": "MultimodalLM forward + linear_cross_entropy on lm_head + backward (LoRA q/v r=16 and the "
                     "projector trainable); cache variants hash every image each step",
             "headline": "no_cache / cache_memory time and cache_memory / no_cache peak memory; disk_* the same for "
-                        "cache_disk; encoder_fraction: the frozen encoder's forward alone over the uncached step"}
-        harness.write_report(NAME, report_config, results, args.out, run)
+                        "cache_disk; encoder_fraction: the frozen encoder's forward alone over the uncached step"},
+            results)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Benchmark: per-token log-probs from hidden states, mrgfast's fused head vs logits + log_softmax + gather."""
+"""Benchmark: per-token log-probs from hidden states, mrgfast's fused LM head vs logits + log_softmax + gather."""
 
 import sys
 from pathlib import Path
@@ -10,11 +10,11 @@ if __package__ in (None, ""):
 import torch
 
 from benchmarks import harness
-from mrgfast.ops.backend import select_backend
 from mrgfast.ops import linear_logprobs, reference_logprobs
+from mrgfast.ops.backend import select_backend
 from mrgfast.ops.linear_cross_entropy import IMPLEMENTED, kernels as head_kernels
 
-NAME = "linear_logprobs"
+NAME = "linear_cross_entropy"
 # Qwen2's vocabulary and a 1.5B model's hidden size over 4096 tokens (the issue's shapes).
 FULL = dict(tokens=4096, hidden=1536, vocab=151936, warmup=1, repeats=3)
 QUICK = dict(tokens=512, hidden=256, vocab=32001, warmup=2, repeats=5)
@@ -47,11 +47,8 @@ def check_agreement(h, weight, labels, upstream, dtype) -> dict:
 
 def main() -> None:
     """Run the benchmark and write its report."""
-    args = harness.parse_args(NAME, __doc__)
-    run = harness.start_run()
-    device = harness.default_device()
-    dtype = harness.compute_dtype(device)
-    shapes = QUICK if args.quick else FULL
+    run = harness.open_run(NAME, __doc__, QUICK, FULL)
+    shapes, device, dtype = run.shape, run.device, run.dtype
     h, weight, labels, upstream = make_inputs(shapes["tokens"], shapes["hidden"], shapes["vocab"], dtype, device)
     backend = select_backend("linear_cross_entropy", h, IMPLEMENTED)
     errors = check_agreement(h, weight, labels, upstream, dtype)
@@ -82,12 +79,10 @@ def main() -> None:
             kernels.GRAD_IN_FORWARD = default
         mode = "grad_in_forward" if not default else "recompute_in_backward"
         results[f"frozen_head_{mode}"] = {**other, "ablation": True}
-    config = dict(mode="quick" if args.quick else "full", device=device.type, dtype=str(dtype).replace("torch.", ""),
-                  **{k: shapes[k] for k in ("tokens", "hidden", "vocab", "warmup", "repeats")},
-                  mrgfast_backend=backend, grad_in_forward_default=kernels.GRAD_IN_FORWARD,
-                  step="logp = f(hidden, W, labels); logp.backward(g); hidden requires grad, head frozen",
-                  agreement=errors)
-    harness.write_report(NAME, config, results, args.out, run)
+    run.report({**{k: shapes[k] for k in ("tokens", "hidden", "vocab", "warmup", "repeats")},
+                "mrgfast_backend": backend, "grad_in_forward_default": kernels.GRAD_IN_FORWARD,
+                "step": "logp = f(hidden, W, labels); logp.backward(g); hidden requires grad, head frozen",
+                "agreement": errors}, results)
 
 
 if __name__ == "__main__":
