@@ -43,7 +43,7 @@ def ungroup_backward(grad_z: Tensor, x: Optional[Tensor], layout, mean: Optional
         module.group_tokens_backward_cpu(*inputs, address(dgamma), address(dbeta), *layout.kernel_sizes(),
                                          bool(normalize), code, cpu_threads())
         return dx, dgamma, dbeta
-    # CUDA: warps write per-warp fp32 partial rows of dgamma / dbeta (no atomics), summed here.
+    # CUDA: each warp writes its own fp32 partial row of dgamma / dbeta (deterministic, no races), summed here.
     tokens = layout.batch * layout.tokens
     warps = min(tokens, WEIGHT_GRAD_WARPS) if normalize and (need_gamma or need_beta) else tokens
     parts = [grad_z.new_empty(warps, layout.dim, dtype=torch.float32) if normalize and need else None
