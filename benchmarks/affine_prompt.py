@@ -17,8 +17,8 @@ if __package__ in (None, ""):
 import torch
 
 from benchmarks import harness
-from mrgfast.backend import select_backend
 from mrgfast.ops.affine_prompt import IMPLEMENTED, affine_prompt, reference_affine_prompt
+from mrgfast.ops.backend import select_backend
 
 NAME = "affine_prompt"
 # (B, L, K, D, T): batch, prompt tokens, bank size (1 = prompt-wise), LLM width, sequence length.
@@ -115,25 +115,20 @@ def measure_op(case, dtype, device, shape) -> dict:
 
 def main() -> None:
     """Check the variants agree, then time and memory-profile them per case."""
-    args = harness.parse_args(NAME, __doc__)
-    run = harness.start_run()
-    shape = QUICK if args.quick else FULL
-    device = harness.default_device()
-    dtype = harness.compute_dtype(device)
+    run = harness.open_run(NAME, __doc__, QUICK, FULL)
+    shape, device, dtype = run.shape, run.device, run.dtype
     backend = select_backend("affine_prompt", torch.empty(0, device=device), IMPLEMENTED)
     results = {}
     for b, l, k, d, t in shape["cases"]:
         results[f"seq_B{b}_L{l}_K{k}_D{d}_T{t}"] = measure_sequence((b, l, k, d, t), dtype, device, shape)
         results[f"op_B{b}_L{l}_K{k}_D{d}"] = measure_op((b, l, k, d, t), dtype, device, shape)
-    config = {"mode": "quick" if args.quick else "full", "device": device.type, "dtype": str(dtype).split(".")[-1],
-              "cases": "B_L_K_D_T: batch, prompt tokens, bank size (1 = prompt-wise), LLM width, sequence length",
-              "gamma_beta": "[B, D] (per image)", "prompt_offset": OFFSET, "warmup": shape["warmup"],
-              "repeats": shape["repeats"], "mrgfast_backend": backend, "threads": torch.get_num_threads(),
-              "step": "embeds = embedding(ids) (frozen); sequence with the prompts at rows OFFSET..OFFSET+L-1; "
-                      "sequence.backward(g) into P, gamma, beta, w",
-              "headline": "least favourable case: seq_* fused_out (in-place) vs eager, op_* fused vs eager; "
-                          "fused_cat_* = fused op + torch.cat"}
-    harness.write_report(NAME, config, results, args.out, run)
+    run.report({"cases": "B_L_K_D_T: batch, prompt tokens, bank size (1 = prompt-wise), LLM width, sequence length",
+                "gamma_beta": "[B, D] (per image)", "prompt_offset": OFFSET, "warmup": shape["warmup"],
+                "repeats": shape["repeats"], "mrgfast_backend": backend, "threads": torch.get_num_threads(),
+                "step": "embeds = embedding(ids) (frozen); sequence with the prompts at rows OFFSET..OFFSET+L-1; "
+                        "sequence.backward(g) into P, gamma, beta, w",
+                "headline": "least favourable case: seq_* fused_out (in-place) vs eager, op_* fused vs eager; "
+                            "fused_cat_* = fused op + torch.cat"}, results)
 
 
 if __name__ == "__main__":

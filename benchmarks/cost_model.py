@@ -215,18 +215,15 @@ def print_recipes(recipes: list[dict]) -> None:
 
 def main() -> None:
     """Analytic model of the real configurations, then the measured small-model steps."""
-    args = harness.parse_args(NAME, __doc__)
-    run = harness.start_run()
-    shape = QUICK if args.quick else FULL
-    device = harness.default_device()
+    run = harness.open_run(NAME, __doc__, QUICK, FULL)
+    shape, device = run.shape, run.device
     recipes = analytic_recipes()
     print_recipes(recipes)
     results = {"small_model_step": measured_step(shape, device)}
-    config = {"mode": "quick" if args.quick else "full", "device": str(device), "dtype": "float32",
-              "batch": shape["batch"], "seq": shape["seq"], "small_model": shape["small"],
-              "bytes_per_trainable_param": BYTES_PER_TRAINABLE, "bytes_per_frozen_param": BYTES_PER_FROZEN,
-              "recipes": recipes}
-    harness.write_report(NAME, config, results, args.out, run)
+    # The measured steps run in the default fp32 on every device, not in run.dtype.
+    run.report({"dtype": "float32", "batch": shape["batch"], "seq": shape["seq"], "small_model": shape["small"],
+                "bytes_per_trainable_param": BYTES_PER_TRAINABLE, "bytes_per_frozen_param": BYTES_PER_FROZEN,
+                "recipes": recipes}, results)
 
 
 if __name__ == "__main__":

@@ -172,11 +172,8 @@ def step_functions(setup: Setup, device: torch.device) -> dict:
 
 def main() -> None:
     """Check the DPO losses agree on the first batch, then time and memory-profile full DPO steps, alternating."""
-    args = harness.parse_args(NAME, __doc__)
-    run = harness.start_run()
-    shape = QUICK if args.quick else FULL
-    device = harness.default_device()
-    dtype = harness.compute_dtype(device)
+    run = harness.open_run(NAME, __doc__, QUICK, FULL)
+    shape, device, dtype = run.shape, run.device, run.dtype
     data = DemoData(shape["n"], 32)
     try:
         with tempfile.TemporaryDirectory(prefix="mrgfast-e2e-trl-") as out_dir:
@@ -196,16 +193,15 @@ def main() -> None:
         variant["pairs_per_s"] = mean_pairs / (variant["median_ms"] / 1e3)
     result["pairs_per_s_ratio"] = result["speed_ratio"]
     import trl
-    config = {"mode": "quick" if args.quick else "full", "device": device.type, "dtype": str(dtype).split(".")[-1],
-              **shape, "lora": DPO_LORA, "beta": BETA, "loss_type": "sigmoid", "lr": LR,
-              "max_grad_norm": MAX_GRAD_NORM, "trl": trl.__version__, **stats, "agreement": agreement,
-              "modality": "text only: the image is a fixed block of <ImageHere> placeholder tokens on both sides",
-              "trl_head_on_cpu": "TRL's fused LM head projects all positions on CPU (compacts to labelled ones only "
-                                 "with Triton/CUDA)",
-              "reference": "adapters disabled (mrgfast disable_adapters; TRL ref_model=None with a PeftModel)",
-              "step": "policy + reference forward, DPO loss, backward, clip 1.0, AdamW, zero grads; collation "
-                      "done before timing"}
-    harness.write_report(NAME, config, {"dpo_step": result}, args.out, run)
+    run.report({**shape, "lora": DPO_LORA, "beta": BETA, "loss_type": "sigmoid", "lr": LR,
+                "max_grad_norm": MAX_GRAD_NORM, "trl": trl.__version__, **stats, "agreement": agreement,
+                "modality": "text only: the image is a fixed block of <ImageHere> placeholder tokens on both sides",
+                "trl_head_on_cpu": "TRL's fused LM head projects all positions on CPU (compacts to labelled ones "
+                                   "only with Triton/CUDA)",
+                "reference": "adapters disabled (mrgfast disable_adapters; TRL ref_model=None with a PeftModel)",
+                "step": "policy + reference forward, DPO loss, backward, clip 1.0, AdamW, zero grads; collation "
+                        "done before timing"},
+               {"dpo_step": result})
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Benchmark: one multimodal SFT step end to end, mrgfast vs what a user writes today with HF transformers + PEFT.
 
-Model (both sides, same weights): a frozen ViT -> trainable TokenGroupProjector (2 consecutive patches per visual
+Model (both sides, same weights): a frozen ViT -> trainable GroupedProjection (2 consecutive patches per visual
 token) -> a Llama-style decoder (frozen; LoRA r=64, alpha=16, dropout 0.05 on q_proj and v_proj, PeFoMed's) with
 Llama-2's 32k vocabulary. Data: the synthetic IU-Xray-like reports (two views per study) under PeFoMed's prompt.
 
@@ -43,7 +43,7 @@ from mrgfast.data import MedicalDataset, PackingCollator, PromptBuilder
 from mrgfast.data.images import ImageConfig
 from mrgfast.data.packing import IGNORE_INDEX, plan_batches
 from mrgfast.data.synthetic import demo_samples
-from mrgfast.layers.token_group_projector import TokenGroupProjector
+from mrgfast.layers.grouped_projection import GroupedProjection
 from mrgfast.models import ViT
 from mrgfast.models.multimodal import MultimodalLM
 from mrgfast.training.optim import build_adamw
@@ -134,7 +134,7 @@ def build(shape: dict, data: DemoData, device: torch.device) -> Setup:
     torch.manual_seed(1)
     vit = ViT(shape["image_size"], shape["patch"], 3, shape["vit_dim"], shape["vit_depth"], shape["vit_heads"],
               cls_token=False).requires_grad_(False)
-    projector = TokenGroupProjector(shape["vit_dim"], shape["hidden"], shape["group"])
+    projector = GroupedProjection(shape["vit_dim"], shape["hidden"], shape["group"])
     mrg = MultimodalLM(decoder, vision=vit, adapters={"image": projector}).to(device)
     hf = HFMultimodal(vit, copy.deepcopy(projector), peft_llm, 0).to(device)
     builder = PromptBuilder(tokenizer, "pefomed", **mrg.builder_kwargs("pefomed", views=VIEWS))
@@ -232,11 +232,8 @@ def step_functions(setup: Setup, device: torch.device) -> dict:
 
 def main() -> None:
     """Check both agree on the first batch, then time and memory-profile full SFT steps, alternating."""
-    args = harness.parse_args(NAME, __doc__)
-    run = harness.start_run()
-    shape = QUICK if args.quick else FULL
-    device = harness.default_device()
-    dtype = harness.compute_dtype(device)
+    run = harness.open_run(NAME, __doc__, QUICK, FULL)
+    shape, device, dtype = run.shape, run.device, run.dtype
     data = DemoData(shape["n"], shape["image_size"])
     try:
         setup = build(shape, data, device)
@@ -258,14 +255,13 @@ def main() -> None:
     base, every_row = variants["hf_peft"], variants["mrgfast_all_rows"]
     result["ablation_all_rows_speed_ratio"] = base["median_ms"] / every_row["median_ms"]
     result["ablation_all_rows_memory_ratio"] = every_row["peak_bytes"] / base["peak_bytes"]
-    config = {"mode": "quick" if args.quick else "full", "device": device.type, "dtype": str(dtype).split(".")[-1],
-              **shape, "views": VIEWS, "lora": LORA, "lr": LR, "max_grad_norm": MAX_GRAD_NORM, **stats,
-              "agreement": agreement,
-              "throughput": "tokens_per_s counts real (non-pad) tokens of the step's samples, visual tokens "
-                            "included; supervised_tokens_per_s counts answer tokens; both sides train on the same "
-                            "samples per step, so either ratio equals the step-time ratio",
-              "step": "forward, loss, backward, clip 1.0, AdamW, zero grads; collation done before timing"}
-    harness.write_report(NAME, config, {"sft_step": result}, args.out, run)
+    run.report({**shape, "views": VIEWS, "lora": LORA, "lr": LR, "max_grad_norm": MAX_GRAD_NORM, **stats,
+                "agreement": agreement,
+                "throughput": "tokens_per_s counts real (non-pad) tokens of the step's samples, visual tokens "
+                              "included; supervised_tokens_per_s counts answer tokens; both sides train on the same "
+                              "samples per step, so either ratio equals the step-time ratio",
+                "step": "forward, loss, backward, clip 1.0, AdamW, zero grads; collation done before timing"},
+               {"sft_step": result})
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Benchmark: a PeFoMed-style training step (frozen ViT -> TokenGroupProjector -> LoRA decoder -> fused loss ->
+"""Benchmark: a PeFoMed-style training step (frozen ViT -> GroupedProjection -> LoRA decoder -> fused loss ->
 backward) without and with mrgfast's FeatureCache.
 
 Variants: no_cache runs the frozen encoder every step (under no_grad, as MultimodalLM does for a frozen tower);
@@ -22,7 +22,7 @@ from benchmarks import harness
 from mrgfast.data.packing import PackingCollator
 from mrgfast.data.prompts import PromptBuilder
 from mrgfast.data.tokenizer import build_demo_tokenizer
-from mrgfast.layers.token_group_projector import TokenGroupProjector
+from mrgfast.layers.grouped_projection import GroupedProjection
 from mrgfast.models import Decoder, DecoderConfig, ViT
 from mrgfast.models.feature_cache import FeatureCache
 from mrgfast.models.multimodal import MultimodalLM
@@ -49,7 +49,7 @@ def build(config: dict, tokenizer, device, dtype) -> MultimodalLM:
                                     num_hidden_layers=layers, num_attention_heads=n_heads))
     apply_lora(decoder, LoraConfig(r=16, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
     vit = ViT(image, patch, dim=dim, depth=depth, heads=heads).requires_grad_(False)
-    model = MultimodalLM(decoder, vit, {"image": TokenGroupProjector(dim, hidden, 4)})
+    model = MultimodalLM(decoder, vit, {"image": GroupedProjection(dim, hidden, 4)})
     return model.to(device=device, dtype=dtype).train()
 
 
@@ -94,11 +94,8 @@ def check_same(plain: MultimodalLM, cached: MultimodalLM, batch, dtype) -> float
 
 def main() -> None:
     """Check the cached step against the plain one, then time and memory-profile the three variants."""
-    args = harness.parse_args(NAME, __doc__)
-    run = harness.start_run()
-    config = QUICK if args.quick else FULL
-    device = harness.default_device()
-    dtype = harness.compute_dtype(device)
+    run = harness.open_run(NAME, __doc__, QUICK, FULL)
+    config, device, dtype = run.shape, run.device, run.dtype
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = build_demo_tokenizer(TEXTS * 4, Path(tmp) / "tokenizer", vocab_size=400)
         plain = build(config, tokenizer, device, dtype)
@@ -133,17 +130,16 @@ def main() -> None:
         case["max_relative_error"] = worst
         results = {"pefomed_step": case}
         image, patch, dim, depth, heads = config["vit"]
-        report_config = {
-            "mode": "quick" if args.quick else "full", "device": device.type, "dtype": str(dtype).split(".")[-1],
-            "warmup": config["warmup"], "repeats": config["repeats"], "vit": dict(image=image, patch=patch, dim=dim,
-                                                                                  depth=depth, heads=heads),
+        run.report({
+            "warmup": config["warmup"], "repeats": config["repeats"],
+            "vit": dict(image=image, patch=patch, dim=dim, depth=depth, heads=heads),
             "decoder": dict(zip(("hidden", "intermediate", "layers", "heads"), config["decoder"])),
             "images_per_step": config["samples"] * config["views"], "tokens_per_step": batch.input_ids.numel(),
             "step": "MultimodalLM forward + linear_cross_entropy on lm_head + backward (LoRA q/v r=16 and the "
                     "projector trainable); cache variants hash every image each step",
             "headline": "no_cache / cache_memory time and cache_memory / no_cache peak memory; disk_* the same for "
-                        "cache_disk; encoder_fraction: the frozen encoder's forward alone over the uncached step"}
-        harness.write_report(NAME, report_config, results, args.out, run)
+                        "cache_disk; encoder_fraction: the frozen encoder's forward alone over the uncached step"},
+            results)
 
 
 if __name__ == "__main__":

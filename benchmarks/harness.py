@@ -1,4 +1,4 @@
-"""Benchmark harness: command line, machine description, alternating timing, peak memory, JSON report."""
+"""Benchmark harness: each main()'s opening (open_run), machine info, alternating timing, peak memory, JSON report."""
 
 import argparse
 import gc
@@ -7,6 +7,7 @@ import os
 import platform
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -113,6 +114,36 @@ def start_run() -> dict:
 def compute_dtype(device: torch.device) -> torch.dtype:
     """bf16 on CUDA, fp32 on CPU (bf16 matmul on these CPUs is ~500x slower than fp32: see DESIGN.md)."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+@dataclass(frozen=True)
+class Run:
+    """One benchmark run as main() opens it: its name, options, shapes, device, dtype and the machine snapshot."""
+
+    name: str
+    quick: bool
+    out: Path
+    shape: dict  # QUICK or FULL, as --quick says
+    device: torch.device
+    dtype: torch.dtype
+    started: dict  # start_run()'s machine description and CPU-usage snapshot
+
+    def config(self, fields: dict) -> dict:
+        """The report's config: mode, device and dtype first, then the benchmark's own fields (which may override)."""
+        return {"mode": "quick" if self.quick else "full", "device": self.device.type,
+                "dtype": str(self.dtype).split(".")[-1], **fields}
+
+    def report(self, fields: dict, results: dict[str, dict]) -> dict:
+        """write_report of `results` with config(fields), to --out."""
+        return write_report(self.name, self.config(fields), results, self.out, self.started)
+
+
+def open_run(name: str, description: str, quick: dict, full: dict) -> Run:
+    """Every benchmark main()'s opening: parse --quick / --out, snapshot the machine, pick shapes, device, dtype."""
+    args = parse_args(name, description)
+    started = start_run()
+    device = default_device()
+    return Run(name, args.quick, args.out, quick if args.quick else full, device, compute_dtype(device), started)
 
 
 def cycling(items: list, step: Callable[[object], object]) -> Callable[[], object]:

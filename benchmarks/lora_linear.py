@@ -13,8 +13,9 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from benchmarks import harness
-from mrgfast.backend import select_backend
+from benchmarks.variants import relative_error, training_step
 from mrgfast.ops import lora_linear, reference_lora_linear
+from mrgfast.ops.backend import select_backend
 from mrgfast.ops.dropout import torch_keep_mask
 from mrgfast.ops.lora_linear import IMPLEMENTED
 
@@ -56,12 +57,6 @@ def random_adapter(r: int, in_features: int, out_features: int, dtype, device):
     return a, b
 
 
-def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    """max |got - want| / max |want|, in fp32."""
-    got, want = got.float(), want.float()
-    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
-
-
 def run_with_grads(forward, x, g, params) -> list[torch.Tensor]:
     """Output and the gradients of x and params after backward with grad g."""
     x.grad = None
@@ -83,14 +78,9 @@ def check_close(label: str, got: list[torch.Tensor], want: list[torch.Tensor], d
 def keep_mask_for(backend: str):
     """The function that draws the dropout keep mask `backend` uses for a seed."""
     if backend == "triton":
-        from mrgfast.ops.triton.common import triton_keep_mask
+        from mrgfast.ops.backends.triton.common import triton_keep_mask
         return triton_keep_mask
     return torch_keep_mask
-
-
-def step(forward, x: torch.Tensor, g: torch.Tensor):
-    """One training step of a layer: forward, then backward with the fixed grad g."""
-    return lambda: forward(x).backward(g)
 
 
 def clear_grads(tensors: list[torch.Tensor]):
@@ -160,8 +150,8 @@ def measure(layers: Layers, shape: dict, device: torch.device) -> dict[str, dict
     results = {}
     x, g = layers.x, layers.g
     for case, p in (("no_dropout", 0.0), (f"dropout_{DROPOUT_P}", DROPOUT_P)):
-        fns = {"floor": step(layers.base, x, g), "peft": step(layers.peft[p], x, g),
-               "mrgfast": step(layers.mrgfast(p), x, g)}
+        fns = {"floor": training_step(layers.base, x, g), "peft": training_step(layers.peft[p], x, g),
+               "mrgfast": training_step(layers.mrgfast(p), x, g)}
         reset = clear_grads([x, layers.mrg_a, layers.mrg_b] + layers.peft_params(p))
         result = harness.measure_case(fns, device, shape["warmup"], shape["repeats"], baseline="peft",
                                       candidate="mrgfast", reset=reset)
@@ -174,22 +164,18 @@ def measure(layers: Layers, shape: dict, device: torch.device) -> dict[str, dict
 
 def main() -> None:
     """Check mrgfast against PEFT, then time and memory-profile floor / PEFT / mrgfast in both dropout cases."""
-    args = harness.parse_args(NAME, __doc__)
-    run = harness.start_run()
-    shape = QUICK if args.quick else FULL
-    device = harness.default_device()
-    dtype = harness.compute_dtype(device)
+    run = harness.open_run(NAME, __doc__, QUICK, FULL)
+    shape, device, dtype = run.shape, run.device, run.dtype
     layers = build_layers(shape, device, dtype)
     backend = select_backend("lora_linear", layers.x, IMPLEMENTED)
     check_agreement(layers, backend, dtype)
     results = measure(layers, shape, device)
-    config = {"mode": "quick" if args.quick else "full", "device": device.type, "dtype": str(dtype).split(".")[-1],
-              **{k: shape[k] for k in ("tokens", "in_features", "out_features", "r", "warmup", "repeats")},
-              "lora_alpha": LORA_ALPHA, "scaling": layers.scaling, "bias": False, "dropout_p": DROPOUT_P,
-              "training": True, "adapter_dtype": str(layers.mrg_a.dtype).split(".")[-1], "mrgfast_backend": backend,
-              "step": "y = layer(x); y.backward(g); x requires grad, base weight frozen",
-              "headline": "least favourable case: lowest PEFT/mrgfast time, highest mrgfast/PEFT peak memory"}
-    harness.write_report(NAME, config, results, args.out, run)
+    run.report({**{k: shape[k] for k in ("tokens", "in_features", "out_features", "r", "warmup", "repeats")},
+                "lora_alpha": LORA_ALPHA, "scaling": layers.scaling, "bias": False, "dropout_p": DROPOUT_P,
+                "training": True, "adapter_dtype": str(layers.mrg_a.dtype).split(".")[-1], "mrgfast_backend": backend,
+                "step": "y = layer(x); y.backward(g); x requires grad, base weight frozen",
+                "headline": "least favourable case: lowest PEFT/mrgfast time, highest mrgfast/PEFT peak memory"},
+               results)
 
 
 if __name__ == "__main__":

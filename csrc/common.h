@@ -8,7 +8,7 @@
 
 namespace mrgfast {
 
-// Dtype codes passed from Python (mrgfast/native.py DTYPE_CODES must match).
+// Dtype codes passed from Python (mrgfast/ops/backends/native/extension.py DTYPE_CODES must match).
 enum class DType : int { Float32 = 0, BFloat16 = 1 };
 
 inline DType dtype_from_code(int code, const char* what) {

@@ -1,4 +1,4 @@
-"""Shared fixtures: a small decoder-shaped torch model and tiny HF Llama / Qwen2 models built offline."""
+"""Shared fixtures (a small decoder-shaped model, tiny HF Llama / Qwen2 built offline); `gpu` tests skip without CUDA."""
 
 import copy
 import os
@@ -14,6 +14,17 @@ if not torch.cuda.is_available():
 
 VOCAB = 40
 HIDDEN = 16
+
+
+@pytest.hookimpl(trylast=True)  # after any conftest that adds the marker
+def pytest_collection_modifyitems(config, items):
+    """Skip the tests marked `gpu`, with the reason, where no CUDA device is present."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
 
 
 class ToyAttention(nn.Module):

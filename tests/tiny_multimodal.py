@@ -7,7 +7,7 @@ import torch
 
 from mrgfast.data import PromptBuilder, build_demo_tokenizer
 from mrgfast.data.images import ImageConfig
-from mrgfast.layers.token_group_projector import TokenGroupProjector
+from mrgfast.layers.grouped_projection import GroupedProjection
 from mrgfast.models import Decoder, DecoderConfig, ViT
 from mrgfast.models.multimodal import MultimodalLM
 
@@ -20,7 +20,7 @@ def tiny_multimodal_lm(vocab_size: int, seed: int = 0) -> MultimodalLM:
     decoder = Decoder(DecoderConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=48,
                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
     vit = ViT(16, 4, in_channels=1, dim=16, depth=1, heads=2).requires_grad_(False)
-    return MultimodalLM(decoder, vision=vit, adapters={"image": TokenGroupProjector(16, 32, 4)}).eval()
+    return MultimodalLM(decoder, vision=vit, adapters={"image": GroupedProjection(16, 32, 4)}).eval()
 
 
 def tiny_lm_with_tokenizer(texts: list, tokenizer_dir: Path, views: int = 2) -> tuple:

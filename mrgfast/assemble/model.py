@@ -12,7 +12,7 @@ from mrgfast.data.images import ImageConfig
 from mrgfast.data.volumes import VolumeConfig
 from mrgfast.layers.affine_prompt import AffinePromptGenerator
 from mrgfast.layers.diagnostic_prefix import DiagnosticPrefix
-from mrgfast.layers.token_group_projector import TokenGroupProjector
+from mrgfast.layers.grouped_projection import GroupedProjection
 from mrgfast.models import (Decoder, DecoderConfig, FeatureCache, MultimodalLM, Qwen2VLMerger, ViT, ViT3D, VisionTower,
                             load_decoder)
 from mrgfast.models.feature_cache import check_no_augmentation
@@ -94,12 +94,12 @@ def build_adapters(config: TrainConfig, dim: int, hidden: int) -> dict:
         if m.vision_name_or_path is not None:
             merger = Qwen2VLMerger.from_pretrained(m.vision_name_or_path)
         else:
-            merger = TokenGroupProjector(dim, hidden, 4, mode="2d")
+            merger = GroupedProjection(dim, hidden, 4, mode="2d")
         return {"image": merger.requires_grad_(False)}
     if m.recipe.startswith("mrgllm"):  # linear projection to visual tokens + instance-specific prompts
         return {"image": nn.Linear(dim, hidden),
                 "prompt": AffinePromptGenerator(dim, hidden, m.n_prompts, book_size=m.book_size)}
-    projector = TokenGroupProjector(dim, hidden, m.group_size)
+    projector = GroupedProjection(dim, hidden, m.group_size)
     if projector.norm is not None:  # PeFoMed's ln_vision belongs to the frozen EVA tower
         projector.norm.requires_grad_(m.train_vision)
     return {"image": projector}

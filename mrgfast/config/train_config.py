@@ -296,8 +296,8 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     resume: str = "auto"                        # auto: latest checkpoint in output_dir if any; none; or a path
     # SFT on CUDA: pad every batch to one static shape (mrgfast.data.static_batch) and capture forward + backward +
-    # AdamW in one CUDA graph, replayed every step. Off by default until the capture has run on a GPU
-    # (tests/gpu/test_train_cuda_graph_gpu.py); on CPU the step runs eagerly either way.
+    # AdamW in one CUDA graph, replayed every step. Off by default (its GPU checks: tests/training/test_cuda_graph.py,
+    # tests/train/test_loop.py); on CPU the step runs eagerly either way.
     cuda_graphs: bool = False
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)

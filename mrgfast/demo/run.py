@@ -3,7 +3,7 @@
 `python -m mrgfast.train` (no arguments; mrgfast/train/__main__.py) and `python -m mrgfast.demo [demo.fast=true]
 [demo.output_dir=...]` run it.
 The SFT stage is the PeFoMed path the engine exists for: the pretrained decoder frozen, LoRA on q_proj/v_proj and
-a trainable TokenGroupProjector over the frozen ViT's patch features, trained by `mrgfast.train.train` from
+a trainable GroupedProjection over the frozen ViT's patch features, trained by `mrgfast.train.train` from
 `configs/demo.yaml`; DPO then starts from the SFT checkpoint on the synthetic preference pairs.
 """
 

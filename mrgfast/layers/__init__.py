@@ -1,9 +1,9 @@
-"""Drop-in nn.Modules built on mrgfast ops."""
+"""Drop-in nn.Modules: layers/<op>.py wraps the op of ops/<op>.py (DiagnosticPrefix is plain torch)."""
 
 from mrgfast.layers.affine_prompt import AffinePromptGenerator
 from mrgfast.layers.diagnostic_prefix import DiagnosticPrefix
+from mrgfast.layers.grouped_projection import GroupedProjection
 from mrgfast.layers.lora_linear import LoRALinear
 from mrgfast.layers.lora_qkv import LoRAQKV
-from mrgfast.layers.token_group_projector import TokenGroupProjector
 
-__all__ = ["AffinePromptGenerator", "DiagnosticPrefix", "LoRALinear", "LoRAQKV", "TokenGroupProjector"]
+__all__ = ["AffinePromptGenerator", "DiagnosticPrefix", "GroupedProjection", "LoRALinear", "LoRAQKV"]

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mrgfast.backend import requested_backend
 from mrgfast.layout import Segments
+from mrgfast.ops.backend import requested_backend
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 

@@ -4,7 +4,7 @@ construction of it.
 A prompt template has placeholder slots of three kinds (mrgfast.data.prompts): "image" (one per image),
 "prompt" and "prefix" (one per sample). `adapters` maps a kind to the module producing that slot's embeddings:
 
-- PeFoMed:  {"image": TokenGroupProjector(group=4)} on the frozen tower's patch features;
+- PeFoMed:  {"image": GroupedProjection(group=4)} on the frozen tower's patch features;
 - MRG-LLM:  {"image": nn.Linear(vision_dim, hidden), "prompt": AffinePromptGenerator} on a trainable ViT;
 - RAD3D:    {"prefix": DiagnosticPrefix} on ViT3D's pooled volume embedding (its classifier gives the logits);
 - Qwen2-VL: {"image": Qwen2VLMerger} on VisionTower(merged=False) features, M-RoPE positions from the batch.
@@ -25,7 +25,7 @@ from mrgfast.data.packing import PackedBatch, PlacedSpan, sequence_positions, sp
 from mrgfast.data.prompts import SLOT_KINDS, PromptTemplate, TokenizedPair, TokenizedSample, get_template
 from mrgfast.layers.affine_prompt import AffinePromptGenerator
 from mrgfast.layers.diagnostic_prefix import DiagnosticPrefix
-from mrgfast.layers.token_group_projector import TokenGroupProjector
+from mrgfast.layers.grouped_projection import GroupedProjection
 from mrgfast.models.decoder import Decoder
 from mrgfast.models.generation import generate
 from mrgfast.models.vision import Qwen2VLMerger, VisionFeatures, VisionTower
@@ -50,12 +50,12 @@ class AdapterSpec:
     grid: Callable[[nn.Module, tuple], tuple]
 
 
-def _grouped_grid(adapter: TokenGroupProjector, grid: tuple) -> tuple:
+def _grouped_grid(adapter: GroupedProjection, grid: tuple) -> tuple:
     """The token grid after grouping: (ceil(N / g),) in 1d, (ceil(h / s), ceil(w / s)) in 2d."""
     if adapter.mode == "1d":
         tokens = math.prod(grid)
         if tokens % adapter.group and not adapter.pad:
-            raise ValueError(f"TokenGroupProjector(group={adapter.group}) cannot group the encoder's {tokens} patch "
+            raise ValueError(f"GroupedProjection(group={adapter.group}) cannot group the encoder's {tokens} patch "
                              "tokens (not divisible); build it with pad=True or change the encoder")
         return (-(-tokens // adapter.group),)
     side = math.isqrt(adapter.group)
@@ -68,7 +68,7 @@ def _patch_grid(features: VisionFeatures) -> Optional[tuple]:
 
 
 ADAPTERS: dict = {
-    TokenGroupProjector: AdapterSpec(
+    GroupedProjection: AdapterSpec(
         "image", lambda m, f: m(f.patches, grid=_patch_grid(f) if m.mode == "2d" else None), _grouped_grid),
     Qwen2VLMerger: AdapterSpec("image", lambda m, f: m(f).features,
                                lambda m, g: tuple(n // m.merge_size for n in g)),

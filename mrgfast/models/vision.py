@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from mrgfast.common.names import few
 from mrgfast.data.images import ImageConfig
-from mrgfast.layers.token_group_projector import TokenGroupProjector
+from mrgfast.layers.grouped_projection import GroupedProjection
 from mrgfast.models.loading import checkpoint_keys
 
 # model_type in config.json -> family. CLIPModel / SiglipModel checkpoints hold the vision model under
@@ -258,13 +258,13 @@ class VisionTower(nn.Module):
 
 class Qwen2VLMerger(nn.Module):
     """Qwen2-VL's patch merger as an adapter on row-major VisionFeatures: LayerNorm -> 2x2 grouping -> Linear
-    (one fused TokenGroupProjector), then GELU -> Linear; equal to HF's PatchMerger on HF's block order."""
+    (one fused GroupedProjection), then GELU -> Linear; equal to HF's PatchMerger on HF's block order."""
 
     def __init__(self, dim: int, out_dim: int, merge_size: int = 2, device=None, dtype=None):
         super().__init__()
         group = merge_size ** 2
         self.merge_size = merge_size
-        self.group = TokenGroupProjector(dim, group * dim, group, mode="2d", eps=1e-6, device=device, dtype=dtype)
+        self.group = GroupedProjection(dim, group * dim, group, mode="2d", eps=1e-6, device=device, dtype=dtype)
         self.act = nn.GELU()
         self.out = nn.Linear(group * dim, out_dim, device=device, dtype=dtype)
 

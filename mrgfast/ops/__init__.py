@@ -1,4 +1,4 @@
-"""Fused ops: each has a public function, a pure-PyTorch reference and per-backend kernels."""
+"""Fused ops: ops/<op>.py has the public function, reference, autograd and dispatch to ops/backends/<kind>/<op>.py."""
 
 from mrgfast.ops.affine_prompt import affine_prompt, reference_affine_prompt
 from mrgfast.ops.group_tokens import GroupLayout, group_layout, group_tokens, reference_group_tokens

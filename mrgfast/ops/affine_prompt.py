@@ -12,10 +12,19 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from mrgfast.backend import kernel_module, select_backend
+from mrgfast.ops.backend import select_backend
+from mrgfast.ops.backends.native import affine_prompt as native_kernels
 
 IMPLEMENTED = ("cpu", "triton", "cuda")
 OffsetsLike = Union[int, Tensor, None]
+
+
+def kernels(backend: str):
+    """The kernels of `backend`: native (C++ or CUDA by device), or Triton's, imported here as triton is optional."""
+    if backend == "triton":
+        from mrgfast.ops.backends.triton import affine_prompt as triton_kernels
+        return triton_kernels
+    return native_kernels
 
 
 def reference_mixed_prompts(prompts: Tensor, weights: Optional[Tensor]) -> Tensor:
@@ -141,7 +150,7 @@ class AffinePromptFunction(torch.autograd.Function):
         if not in_place:
             out = torch.empty((gamma.shape[0], length, dim), dtype=prompts.dtype, device=prompts.device)
         if out.numel():
-            kernel_module("affine_prompt", backend).affine_forward(prompts, gamma, beta, weights, out, offsets)
+            kernels(backend).affine_forward(prompts, gamma, beta, weights, out, offsets)
         if in_place:
             ctx.mark_dirty(out)
         ctx.save_for_backward(prompts, gamma, weights, offsets)
@@ -174,6 +183,6 @@ def affine_grads(backend: str, grad_out: Tensor, prompts: Tensor, gamma: Tensor,
     if batch * length * dim == 0:
         zeros = lambda t, need: torch.zeros_like(t) if need else None  # noqa: E731
         return zeros(prompts, need_p), zeros(gamma, need_gamma), zeros(gamma, need_beta), zeros(weights, need_w)
-    return kernel_module("affine_prompt", backend).affine_backward(
+    return kernels(backend).affine_backward(
         grad_out, prompts, gamma, weights, offsets,
         need_prompts=need_p, need_gamma=need_gamma, need_beta=need_beta, need_weights=need_w)

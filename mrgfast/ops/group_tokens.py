@@ -8,10 +8,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mrgfast.backend import kernel_module, select_backend
+from mrgfast.ops.backend import select_backend
+from mrgfast.ops.backends.native import group_tokens as native_kernels
 
 IMPLEMENTED = ("cpu", "triton", "cuda")
 MODES = ("1d", "2d")
+
+
+def kernels(backend: str):
+    """The kernels of `backend`: native (C++ or CUDA by device), or Triton's, imported here as triton is optional."""
+    if backend == "triton":
+        from mrgfast.ops.backends.triton import group_tokens as triton_kernels
+        return triton_kernels
+    return native_kernels
 
 
 @dataclass(frozen=True)
@@ -149,9 +158,9 @@ class GroupTokensFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, layout, backend):
         ctx.config = (layout, backend)
-        return kernel_module("group_tokens", backend).group(x.contiguous(), layout)
+        return kernels(backend).group(x.contiguous(), layout)
 
     @staticmethod
     def backward(ctx, grad_out):
         layout, backend = ctx.config
-        return kernel_module("group_tokens", backend).ungroup(grad_out.contiguous(), layout), None, None
+        return kernels(backend).ungroup(grad_out.contiguous(), layout), None, None

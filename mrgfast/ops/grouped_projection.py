@@ -7,10 +7,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mrgfast.backend import kernel_module, select_backend
+from mrgfast.ops.backend import select_backend
+from mrgfast.ops.backends.native import grouped_projection as native_kernels
 from mrgfast.ops.group_tokens import GroupLayout, group_layout, reference_group_tokens
 
 IMPLEMENTED = ("cpu", "triton", "cuda")
+
+
+def kernels(backend: str):
+    """The kernels of `backend`: native (C++ or CUDA by device), or Triton's, imported here as triton is optional."""
+    if backend == "triton":
+        from mrgfast.ops.backends.triton import grouped_projection as triton_kernels
+        return triton_kernels
+    return native_kernels
 
 
 def reference_grouped_projection(x: Tensor, weight: Tensor, bias: Optional[Tensor], layout: GroupLayout,
@@ -68,8 +77,8 @@ class GroupedProjectionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, norm_weight, norm_bias, layout, normalize, eps, backend):
-        kernels = kernel_module("grouped_projection", backend)
-        y, saved = kernels.forward(x, weight, bias, norm_weight, norm_bias, layout, normalize, eps)
+        module = kernels(backend)
+        y, saved = module.forward(x, weight, bias, norm_weight, norm_bias, layout, normalize, eps)
         ctx.save_for_backward(x, weight, norm_weight, norm_bias, *saved)
         ctx.config = (layout, normalize, eps, backend, bias is not None)
         return y
@@ -79,7 +88,7 @@ class GroupedProjectionFunction(torch.autograd.Function):
         x, weight, norm_weight, norm_bias, *saved = ctx.saved_tensors
         layout, normalize, eps, backend, has_bias = ctx.config
         needs = ctx.needs_input_grad
-        grads = kernel_module("grouped_projection", backend).backward(
+        grads = kernels(backend).backward(
             grad_y.contiguous(), x, weight, norm_weight, norm_bias, tuple(saved), layout, normalize, eps,
             need_x=needs[0], need_weight=needs[1], need_bias=has_bias and needs[2],
             need_gamma=normalize and norm_weight is not None and needs[3],

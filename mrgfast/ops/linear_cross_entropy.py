@@ -5,10 +5,19 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from mrgfast.backend import kernel_module, select_backend
+from mrgfast.ops.backend import select_backend
+from mrgfast.ops.backends.torch import linear_cross_entropy as torch_kernels
 
 IMPLEMENTED = ("cpu", "triton")
 REDUCTIONS = ("mean", "sum", "none")
+
+
+def kernels(backend: str):
+    """The kernels of `backend`: fused torch ("cpu"), or Triton's, imported here as triton is optional."""
+    if backend == "triton":
+        from mrgfast.ops.backends.triton import linear_cross_entropy as triton_kernels
+        return triton_kernels
+    return torch_kernels
 
 
 def reference_token_losses(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor] = None,
@@ -60,13 +69,13 @@ class LinearTokenLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index, label_smoothing, backend):
-        kernels = kernel_module("linear_cross_entropy", backend)
+        module = kernels(backend)
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         # With a frozen head the gradient of each token's loss w.r.t. its hidden state can be formed in the
         # forward pass from the same chunk of logits (no recomputation); backward only scales it.
-        grad_in_forward = need_hidden and not need_weight and not need_bias and kernels.GRAD_IN_FORWARD
-        losses, lse, grad_hidden = kernels.token_loss_forward(hidden, weight, bias, labels, ignore_index,
-                                                              label_smoothing, grad_in_forward)
+        grad_in_forward = need_hidden and not need_weight and not need_bias and module.GRAD_IN_FORWARD
+        losses, lse, grad_hidden = module.token_loss_forward(hidden, weight, bias, labels, ignore_index,
+                                                             label_smoothing, grad_in_forward)
         if grad_in_forward:
             ctx.save_for_backward(grad_hidden)
         else:
@@ -83,7 +92,7 @@ class LinearTokenLossFunction(torch.autograd.Function):
             return (grad_hidden * grad_losses.to(grad_hidden.dtype)[:, None], None, None, None, None, None, None)
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grads = kernel_module("linear_cross_entropy", backend).token_loss_backward(
+        grads = kernels(backend).token_loss_backward(
             grad_losses.float().contiguous(), hidden, weight, bias, labels, lse, ignore_index, label_smoothing,
             need_hidden=need_hidden, need_weight=need_weight, need_bias=need_bias)
         return (*grads, None, None, None, None)

@@ -5,10 +5,19 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from mrgfast.backend import kernel_module, select_backend
+from mrgfast.ops.backend import select_backend
+from mrgfast.ops.backends.torch import lora_linear as torch_kernels
 from mrgfast.ops.dropout import new_seed, torch_keep_mask
 
 IMPLEMENTED = ("cpu", "triton")
+
+
+def kernels(backend: str):
+    """The kernels of `backend`: fused torch ("cpu"), or Triton's, imported here as triton is optional."""
+    if backend == "triton":
+        from mrgfast.ops.backends.triton import lora_linear as triton_kernels
+        return triton_kernels
+    return torch_kernels
 
 
 def reference_lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tensor, lora_b: Tensor,
@@ -74,8 +83,8 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, backend):
-        kernels = kernel_module("lora_linear", backend)
-        y, xa = kernels.lora_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
+        module = kernels(backend)
+        y, xa = module.lora_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
         ctx.save_for_backward(x, weight, lora_a, lora_b, xa)
         ctx.config = (scaling, dropout_p, seed, backend, bias is not None)
         return y
@@ -85,7 +94,7 @@ class LoRALinearFunction(torch.autograd.Function):
         x, weight, lora_a, lora_b, xa = ctx.saved_tensors
         scaling, dropout_p, seed, backend, has_bias = ctx.config
         needs = ctx.needs_input_grad
-        grads = kernel_module("lora_linear", backend).lora_backward(
+        grads = kernels(backend).lora_backward(
             grad_y.contiguous(), x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed,
             need_x=needs[0], need_weight=needs[1], need_bias=has_bias and needs[2],
             need_a=needs[3], need_b=needs[4])

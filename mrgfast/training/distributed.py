@@ -128,7 +128,8 @@ def teardown(ctx: DistContext) -> None:
 
 
 # DTensor's module-level caches whose keys hold a device mesh, as (module, dotted name of the function that empties
-# it). Private torch names (torch 2.13): tests/training/test_distributed.py checks that no thread is left.
+# it). Private torch names (torch 2.13): tests/integration/test_two_process_collectives.py checks that no thread
+# is left.
 DTENSOR_CACHE_CLEARERS = (
     ("torch.distributed.tensor.debug", "_clear_sharding_prop_cache"),
     ("torch.distributed.tensor._redistribute", "_gen_transform_infos.cache_clear"),

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mrgfast.losses import dpo_loss, fused_dpo_loss
-from mrgfast.ops import linear_cross_entropy_cpu
+from mrgfast.ops.backends.torch import linear_cross_entropy as torch_head
 
 VOCAB, DIM = 1001, 24  # a vocabulary that is not a multiple of any block or chunk size
 # 2P = 6 packed sequences: P chosen then P rejected; (length, prompt tokens) each. The last one is all prompt.
@@ -126,7 +126,7 @@ def test_rpo_matches_naive_path_and_adds_the_chosen_token_nll():
 
 def test_matches_naive_path_without_bias_across_chunks(monkeypatch):
     # A chunk budget of a few tokens makes chunk boundaries fall inside and between the packed sequences.
-    monkeypatch.setattr(linear_cross_entropy_cpu, "CHUNK_BUDGET_BYTES", 5 * VOCAB * 4)
+    monkeypatch.setattr(torch_head, "CHUNK_BUDGET_BYTES", 5 * VOCAB * 4)
     batch = packed_batch(seed=2, with_bias=False)
     (loss, _, grads), (want, _, want_grads) = run_both(batch, "hidden", True, beta=0.1)
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
@@ -212,3 +212,15 @@ def test_validate_checks_labels_and_boundaries():
     with pytest.raises(ValueError, match="cu_seqlens"):
         fused_dpo_loss(batch["hidden"], batch["weight"], batch["labels"], cu, ref_logps=batch["ref_logps"],
                        validate=True)
+
+
+@pytest.mark.gpu
+def test_fused_dpo_on_gpu_runs_and_is_finite():
+    hidden = torch.randn(64, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(1001, 128, device="cuda", dtype=torch.bfloat16) / 11
+    labels = torch.randint(0, 1001, (64,), device="cuda")
+    cu_seqlens = torch.tensor([0, 16, 32, 48, 64], device="cuda", dtype=torch.int32)
+    loss, metrics = fused_dpo_loss(hidden, weight, labels, cu_seqlens, ref_logps=torch.zeros(4, device="cuda"))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(hidden.grad).all()
+    assert set(metrics) >= {"rewards/chosen", "rewards/margins", "logps/rejected"}

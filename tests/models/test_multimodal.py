@@ -12,7 +12,7 @@ from mrgfast.data.prompts import PromptBuilder
 from mrgfast.data.tokenizer import build_demo_tokenizer
 from mrgfast.layers.affine_prompt import AffinePromptGenerator
 from mrgfast.layers.diagnostic_prefix import DiagnosticPrefix
-from mrgfast.layers.token_group_projector import TokenGroupProjector
+from mrgfast.layers.grouped_projection import GroupedProjection
 from mrgfast.models import Decoder, DecoderConfig, Qwen2VLMerger, ViT, ViT3D, VisionTower, load_decoder
 from mrgfast.models.multimodal import AdapterSpec, MultimodalLM, register_adapter
 from mrgfast.peft import LoraConfig, apply_lora, disable_adapters
@@ -99,7 +99,7 @@ def build_recipe(name: str, tokenizer, qwen2_vl_dir=None) -> Recipe:
         decoder = tiny_decoder(vocab)
         add_lora(decoder)
         vit = ViT(IMAGE, PATCH, dim=16, depth=1, heads=2).requires_grad_(False)
-        model = MultimodalLM(decoder, vit, {"image": TokenGroupProjector(16, HIDDEN, 4)})
+        model = MultimodalLM(decoder, vit, {"image": GroupedProjection(16, HIDDEN, 4)})
         return Recipe(model, "pefomed", 2, (2, 3, IMAGE, IMAGE))
     if name == "mrg_llm":  # trainable ViT, linear projection and instance-specific prompts; frozen LLM
         decoder = tiny_decoder(vocab).requires_grad_(False)
@@ -168,7 +168,7 @@ def run_sample(model: MultimodalLM, sample, pixels: torch.Tensor) -> torch.Tenso
         features = vision(pixels)
     for span in sample.spans:
         adapter = model.adapters[span.kind]
-        if isinstance(adapter, TokenGroupProjector):
+        if isinstance(adapter, GroupedProjection):
             values = adapter(features.patches[span.index:span.index + 1])[0]
         elif isinstance(adapter, Qwen2VLMerger):
             values = adapter(type(features)(features.features[span.index:span.index + 1], features.grid)).features[0]
@@ -395,7 +395,7 @@ def test_slot_tokens_and_builder_kwargs(recipes, tokenizer):
     """Slot sizes follow the encoder and adapter: PeFoMed's 1024 patches / 4 = 256, Qwen2-VL's merged grid."""
     decoder = tiny_decoder(tokenizer.vocab_size)
     eva_like = ViT(128, 4, dim=8, depth=1, heads=2).requires_grad_(False)  # 32 x 32 = 1024 patches
-    model = MultimodalLM(decoder, eva_like, TokenGroupProjector(8, HIDDEN, 4))
+    model = MultimodalLM(decoder, eva_like, GroupedProjection(8, HIDDEN, 4))
     assert model.slot_tokens("image") == 256
     assert model.builder_kwargs("pefomed", views=2) == {"image_tokens": [256, 256]}
     qwen = recipes("qwen2_vl").model

@@ -3,19 +3,21 @@
 import pytest
 import torch
 
-from mrgfast.backend import triton_interpreting
+from mrgfast.ops.backend import triton_interpreting
 from mrgfast.ops.dropout import torch_keep_mask
 
 # Relative-to-max error allowed against the fp32 reference, by input dtype (one table for every op).
 TOLERANCE = {torch.float32: 5e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 BACKENDS = ["reference", "cpu", pytest.param("triton", marks=pytest.mark.triton)]
+# The backends of the tests marked gpu, never skipped there: an mrgfast._C built without CUDA kernels fails loudly.
+GPU_BACKENDS = ["triton", "cuda"]
 
 
 def use_backend(monkeypatch, backend: str) -> None:
     """Force `backend` for this test; Triton on CPU tensors needs the interpreter."""
     if backend == "triton" and not triton_interpreting():
-        pytest.skip("Triton on CPU tensors runs only in the interpreter (TRITON_INTERPRET=1); GPU runs: tests/gpu")
+        pytest.skip("Triton on CPU tensors runs only in the interpreter (TRITON_INTERPRET=1); GPU runs: -m gpu")
     monkeypatch.setenv("MRGFAST_BACKEND", backend)
 
 
@@ -24,7 +26,7 @@ def keep_mask_of(backend: str, rows: int, cols: int, p: float, seed: int, device
     if p == 0.0:
         return None
     if backend == "triton":
-        from mrgfast.ops.triton.common import triton_keep_mask
+        from mrgfast.ops.backends.triton.common import triton_keep_mask
         return triton_keep_mask(rows, cols, p, seed, device)
     return torch_keep_mask(rows, cols, p, seed, torch.device(device))
 

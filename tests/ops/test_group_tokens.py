@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mrgfast.ops.group_tokens import group_layout, group_tokens, reference_group_tokens
-from tests.ops.lora_cases import BACKENDS, use_backend
+from tests.ops.lora_cases import BACKENDS, GPU_BACKENDS, use_backend
 
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 
@@ -100,3 +100,31 @@ def test_bad_arguments_raise_value_errors(args, message):
 def test_wrong_number_of_dims_raises():
     with pytest.raises(ValueError, match=r"x must be \[batch, tokens, dim\]"):
         group_tokens(torch.zeros(10, 3), 2)
+
+
+# GPU: every GPU backend on a real GPU against the reference (test_grouped_projection.py runs these shapes too).
+# (batch, tokens, dim, out, group, mode, grid, pad): PeFoMed (EVA 1024 x 1408 -> 256 x 4096), Qwen2-VL's 2x2
+# merge of a 32 x 32 grid, and odd sizes with padding.
+GPU_SHAPES = [
+    (2, 1024, 1408, 4096, 4, "1d", None, False),
+    (2, 1024, 1280, 3584, 4, "2d", (32, 32), False),
+    (3, 31 * 33, 72, 333, 4, "2d", (31, 33), True),
+    (1, 1023, 40, 65, 4, "1d", None, True),
+    (2, 25 * 26, 136, 100, 9, "2d", (25, 26), True),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("batch,tokens,dim,out,group,mode,grid,pad", GPU_SHAPES)
+def test_group_tokens_exact_on_gpu(monkeypatch, backend, dtype, batch, tokens, dim, out, group, mode, grid, pad):
+    monkeypatch.setenv("MRGFAST_BACKEND", backend)
+    x = torch.randn(batch, tokens, dim, device="cuda").to(dtype).requires_grad_()
+    layout = group_layout(x.shape, group, mode, grid, pad)
+    y = group_tokens(x, group, mode, grid, pad)
+    assert torch.equal(y, reference_group_tokens(x.detach(), layout))
+    grad = torch.randn(y.shape, device="cuda").to(dtype)
+    x_ref = x.detach().clone().requires_grad_()
+    want = torch.autograd.grad(reference_group_tokens(x_ref, layout), x_ref, grad)[0]
+    assert torch.equal(torch.autograd.grad(y, x, grad)[0], want)

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from mrgfast.ops.group_tokens import group_layout
 from mrgfast.ops.grouped_projection import grouped_projection, reference_grouped_projection
-from tests.ops.lora_cases import BACKENDS, assert_close, use_backend
+from tests.ops.lora_cases import BACKENDS, GPU_BACKENDS, assert_close, use_backend
+from tests.ops.test_group_tokens import GPU_SHAPES
 
 # (batch, tokens, dim, out, group, mode, grid, pad, normalize, bias): odd dims (40, 72), odd outs, padding.
 CASES = [
@@ -135,3 +136,44 @@ def test_reference_is_pefomeds_code():
     want = F.linear(F.layer_norm(x, (6,), gamma, beta, 1e-5).view(2, 4, 24), weight, b)
     got = reference_grouped_projection(x, weight, b, group_layout(x.shape, 4), True, gamma, beta)
     assert torch.equal(got, want)
+
+
+# GPU: every GPU backend on a real GPU against the fp32 reference, on the GPU shapes of the grouping tests.
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("batch,tokens,dim,out,group,mode,grid,pad", GPU_SHAPES)
+@pytest.mark.parametrize("train_x", [False, True], ids=["frozen_x", "train_x"])
+def test_grouped_projection_on_gpu(monkeypatch, backend, dtype, batch, tokens, dim, out, group, mode, grid, pad,
+                                   train_x):
+    monkeypatch.setenv("MRGFAST_BACKEND", backend)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rand = lambda *s: torch.randn(*s, generator=g, device="cuda")  # noqa: E731
+    x = (rand(batch, tokens, dim) * 2 + 0.5).to(dtype).requires_grad_(train_x)
+    weight = (rand(out, group * dim) / (group * dim) ** 0.5).to(dtype).requires_grad_()
+    bias = rand(out).to(dtype).requires_grad_()
+    gamma = (1 + 0.3 * rand(dim)).to(dtype).requires_grad_(train_x)
+    beta = (0.3 * rand(dim)).to(dtype).requires_grad_(train_x)
+    tensors = [t for t in (x, weight, bias, gamma, beta) if t.requires_grad]
+    y = grouped_projection(x, weight, bias, group, mode, grid, pad, norm_weight=gamma, norm_bias=beta)
+    grad_y = rand(*y.shape).to(dtype)
+    grads = torch.autograd.grad(y, tensors, grad_y)
+    as32 = [t.detach().float().requires_grad_(t.requires_grad) for t in (x, weight, bias, gamma, beta)]
+    layout = group_layout(x.shape, group, mode, grid, pad)
+    y_ref = reference_grouped_projection(as32[0], as32[1], as32[2], layout, True, as32[3], as32[4])
+    grads_ref = torch.autograd.grad(y_ref, [t for t in as32 if t.requires_grad], grad_y.float())
+    assert_close(y, y_ref, dtype, "y")
+    names = [n for n, t in zip(("dx", "dW", "db", "dgamma", "dbeta"), (x, weight, bias, gamma, beta))
+             if t.requires_grad]
+    for name, got, want in zip(names, grads, grads_ref):
+        assert_close(got, want, dtype, name)
+
+
+@pytest.mark.gpu
+def test_triton_projection_is_deterministic():
+    x = torch.randn(2, 1024, 1408, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(4096, 4 * 1408, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    gamma = torch.ones(1408, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    runs = [torch.autograd.grad(grouped_projection(x, w, None, 4, norm_weight=gamma).float().square().sum(),
+                                (x, w, gamma)) for _ in range(2)]
+    assert all(torch.equal(u, v) for u, v in zip(*runs))

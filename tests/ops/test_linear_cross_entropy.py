@@ -4,10 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import mrgfast.ops.linear_cross_entropy_cpu as cpu_kernels
-from mrgfast.backend import kernel_module
+from mrgfast.ops.backends.torch import linear_cross_entropy as cpu_kernels
 from mrgfast.ops.linear_cross_entropy import (
-    check_labels, linear_cross_entropy, linear_logprobs, reference_logprobs,
+    check_labels, kernels, linear_cross_entropy, linear_logprobs, reference_logprobs,
 )
 from tests.ops.lora_cases import BACKENDS, TOLERANCE, use_backend
 from tests.ops.lora_cases import assert_close as assert_close_to
@@ -148,7 +147,7 @@ def test_many_chunks_match_one(monkeypatch, backend):
     if backend == "cpu":
         monkeypatch.setattr(cpu_kernels, "CHUNK_BUDGET_BYTES", 4 * 2003 * 7)  # 7 tokens a chunk
     else:
-        import mrgfast.ops.triton.linear_cross_entropy as triton_kernels
+        from mrgfast.ops.backends.triton import linear_cross_entropy as triton_kernels
         monkeypatch.setattr(triton_kernels, "CHUNK_BUDGET_BYTES", 4 * 2003 * 16)
     chunked = linear_cross_entropy(hidden, weight, labels, b)
     assert_close(chunked, one_chunk, torch.float32, "loss")
@@ -160,12 +159,12 @@ def test_many_chunks_match_one(monkeypatch, backend):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_recompute_in_backward_equals_grad_in_forward(monkeypatch, backend, dtype):
     use_backend(monkeypatch, backend)
-    kernels = kernel_module("linear_cross_entropy", backend)
+    chosen = kernels(backend)
     hidden, weight, b, labels = make_head(33, 16, 999, dtype)
     upstream = torch.randn(33)
     results = []
     for grad_in_forward in (True, False):
-        monkeypatch.setattr(kernels, "GRAD_IN_FORWARD", grad_in_forward)
+        monkeypatch.setattr(chosen, "GRAD_IN_FORWARD", grad_in_forward)
         out = linear_cross_entropy(hidden, weight, labels, b, reduction="none", label_smoothing=0.1)
         results.append((out, grads_of(out, upstream, (hidden,))[0]))
     assert_close(results[0][0], results[1][0], dtype, "loss")
@@ -198,3 +197,46 @@ def test_bad_input_names_the_problem(bad, match):
     args.update(bad)
     with pytest.raises(ValueError, match=match):
         linear_cross_entropy(**args)
+
+
+# GPU: the compiled Triton kernels on a real GPU against float64 full logits.
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("tokens,dim,vocab", [(4096, 1536, 151936), (7, 896, 151936), (1000, 512, 32001)])
+@pytest.mark.parametrize("head_grad", [False, True])
+def test_triton_head_loss_matches_float64(dtype, tokens, dim, vocab, head_grad):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(tokens, dim, generator=g, device="cuda").to(dtype).requires_grad_()
+    weight = (torch.randn(vocab, dim, generator=g, device="cuda") / dim**0.5).to(dtype).requires_grad_(head_grad)
+    labels = torch.randint(0, vocab, (tokens,), generator=g, device="cuda")
+    labels[::5] = -100
+    loss = linear_cross_entropy(hidden, weight, labels, label_smoothing=0.1)
+    grads = torch.autograd.grad(loss, [t for t in (hidden, weight) if t.requires_grad])
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_(head_grad)
+    want = F.cross_entropy(h64 @ w64.t(), labels, label_smoothing=0.1)
+    wants = torch.autograd.grad(want, [t for t in (h64, w64) if t.requires_grad])
+    assert_close(loss, want.float(), dtype, "loss")
+    for name, got, expected in zip(("dh", "dW"), grads, wants):
+        assert_close(got, expected.float(), dtype, name)
+
+
+@pytest.mark.gpu
+def test_step_is_capturable_in_a_cuda_graph():
+    hidden = torch.randn(512, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(32001, 256, device="cuda", dtype=torch.bfloat16) / 16
+    labels = torch.randint(0, 32001, (512,), device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up (autotuning) outside the capture
+        for _ in range(2):
+            linear_cross_entropy(hidden, weight, labels).backward()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    hidden.grad = None
+    with torch.cuda.graph(graph):
+        loss = linear_cross_entropy(hidden, weight, labels)
+        loss.backward()
+    graph.replay()
+    torch.cuda.synchronize()
+    want = F.cross_entropy(hidden.detach().float() @ weight.float().t(), labels)
+    assert abs(loss.item() - want.item()) < 2e-2

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mrgfast.ops import lora_qkv_linear, reference_lora_qkv_linear
+from mrgfast.ops import lora_qkv_linear, reference_lora_linear, reference_lora_qkv_linear
 from tests.ops.lora_cases import BACKENDS, assert_close, keep_mask_of, use_backend
 
 
@@ -69,3 +69,17 @@ def test_bad_input_names_the_problem(bad, match):
     args.update(bad)
     with pytest.raises(ValueError, match=match):
         lora_qkv_linear(**args)
+
+
+@pytest.mark.gpu
+def test_fused_qkv_on_gpu_matches_separate_projections():
+    outs = (2048, 256, 256)
+    x = torch.randn(2, 300, 2048, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weights = [torch.randn(o, 2048, device="cuda", dtype=torch.bfloat16) / 45 for o in outs]
+    biases = [torch.randn(o, device="cuda", dtype=torch.bfloat16) for o in outs]
+    lora_as = [torch.randn(8, 2048, device="cuda", dtype=torch.bfloat16) / 45 for _ in outs]
+    lora_bs = [torch.randn(o, 8, device="cuda", dtype=torch.bfloat16) for o in outs]
+    fused = lora_qkv_linear(x, torch.cat(weights), torch.cat(biases), lora_as, lora_bs, (2.0, 2.0, 2.0))
+    for got, w, bias, a, b in zip(fused, weights, biases, lora_as, lora_bs):
+        want = reference_lora_linear(x.float(), w.float(), bias.float(), a.float(), b.float(), 2.0)
+        assert_close(got, want, torch.bfloat16, "qkv")

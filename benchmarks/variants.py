@@ -1,0 +1,73 @@
+"""The variants a benchmark compares: mrgfast under a forced backend, its GPU backends, and the check that all agree."""
+
+import contextlib
+import os
+from typing import Callable
+
+import torch
+
+from mrgfast.ops.backend import ENV_VAR, select_backend
+from mrgfast.ops.backends.native.extension import cuda_kernels_built
+
+
+@contextlib.contextmanager
+def forced_backend(name):
+    """MRGFAST_BACKEND=name inside the block (None: leave it as it is)."""
+    old = os.environ.get(ENV_VAR)
+    if name is not None:
+        os.environ[ENV_VAR] = name
+    try:
+        yield
+    finally:
+        if name is not None:
+            if old is None:
+                del os.environ[ENV_VAR]
+            else:
+                os.environ[ENV_VAR] = old
+
+
+def gpu_variants(make: Callable[[object], Callable]) -> dict:
+    """mrgfast's variants, make(backend): the auto backend, plus on GPU the CUDA-kernel backend when it is built."""
+    variants = {"mrgfast": make(None)}
+    if torch.cuda.is_available() and cuda_kernels_built():
+        variants["mrgfast_cuda"] = make("cuda")
+    return variants
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max |want|, in fp32."""
+    got, want = got.float(), want.float()
+    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+
+
+def outputs_and_grads(fn, x, g, params) -> list[torch.Tensor]:
+    """fn(x), then the gradients of x (if it requires one) and params after backward with g."""
+    for t in [x, *params]:
+        t.grad = None
+    y = fn(x)
+    y.backward(g)
+    return [y.detach().clone()] + [t.grad.clone() for t in [x, *params] if t.requires_grad]
+
+
+def check_variants(name: str, label: str, fns: dict, x, g, params_of: dict, tolerance: float) -> None:
+    """Every variant against the first: output and every gradient; exit non-zero on a mismatch."""
+    names = list(fns)
+    want = outputs_and_grads(fns[names[0]], x, g, params_of[names[0]])
+    for variant in names[1:]:
+        got = outputs_and_grads(fns[variant], x, g, params_of[variant])
+        for i, (a, b) in enumerate(zip(got, want)):
+            error = relative_error(a, b)
+            if not error <= tolerance:
+                raise SystemExit(f"{name}: {label}: {variant} tensor {i} differs from {names[0]}: {error:.3e}")
+
+
+def op_config(run, op: str, implemented: tuple, step: str, headline: str) -> dict:
+    """An op benchmark's report fields: warm-up and repeats, the backend mrgfast picks here, the step, the headline."""
+    backend = select_backend(op, torch.empty(1, device=run.device), implemented)
+    return {"warmup": run.shape["warmup"], "repeats": run.shape["repeats"], "mrgfast_backend": backend,
+            "step": step, "headline": headline}
+
+
+def training_step(fn, x, g):
+    """One training step as a no-argument function: forward, backward with the fixed g."""
+    return lambda: fn(x).backward(g)

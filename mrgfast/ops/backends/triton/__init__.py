@@ -1,0 +1,1 @@
+"""The Triton backend: each module holds one op's kernels and their ahead-of-time compile specs (aot.py)."""
