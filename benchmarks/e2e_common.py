@@ -10,12 +10,12 @@ import transformers
 from peft import LoraConfig as PeftLoraConfig
 from peft import set_peft_model_state_dict
 
+from mrgfast.assemble.data import synthetic_texts
 from mrgfast.data import build_demo_tokenizer, load_tokenizer
 from mrgfast.data.synthetic import generate_demo
 from mrgfast.demo.base_models import hf_llama_config
 from mrgfast.models import Decoder, DecoderConfig
 from mrgfast.peft import LoraConfig, adapter_state_dict, apply_lora
-from mrgfast.assemble.data import synthetic_texts
 
 # PeFoMed's adapter (REFERENCE.md): LoRA on q_proj and v_proj, r=64, alpha=16, dropout 0.05, no bias.
 LORA = dict(r=64, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"])

@@ -22,6 +22,14 @@ def load_json(path) -> Any:
         raise DataFormatError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
+def load_json_list(path: Path, entries: str) -> list:
+    """The JSON list in `path` (load_json), or a DataFormatError naming the file and the `entries` it should list."""
+    data = load_json(path)
+    if not isinstance(data, list):
+        raise DataFormatError(f"{path}: expected a list of {entries}, got {type(data).__name__}")
+    return data
+
+
 def read_jsonl(path) -> list:
     """Parse a JSON-lines file into (line number, object) pairs; blank lines are ignored."""
     path = Path(path)

@@ -4,7 +4,7 @@ from pathlib import Path
 from typing import Optional
 
 from mrgfast.data.errors import DataFormatError
-from mrgfast.data.jsonio import get_field, load_json
+from mrgfast.data.jsonio import get_field, load_json, load_json_list
 from mrgfast.data.samples import Sample, SampleSet, collect_samples, prepare_text, resolve_path
 from mrgfast.data.text import get_cleaner
 
@@ -71,10 +71,7 @@ def read_report_list(path, image_dir=None, clean="pefomed", max_words: Optional[
     image_dir defaults to the annotation file's folder. task: "report" or "caption" (stage-1 captions).
     """
     path = Path(path)
-    data = load_json(path)
-    if not isinstance(data, list):
-        raise DataFormatError(f"{path}: expected a list of {{'image_path', 'report'}} entries, "
-                              f"got {type(data).__name__}")
+    data = load_json_list(path, "{'image_path', 'report'} entries")
     image_dir = path.parent if image_dir is None else Path(image_dir)
     cleaner = get_cleaner(clean)
     fields = ("image_path", "report")

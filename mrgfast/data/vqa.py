@@ -4,7 +4,7 @@ from pathlib import Path
 from typing import Optional
 
 from mrgfast.data.errors import DataFormatError
-from mrgfast.data.jsonio import get_field, load_json
+from mrgfast.data.jsonio import get_field, load_json_list
 from mrgfast.data.samples import Sample, SampleSet, collect_samples, prepare_text, resolve_path
 from mrgfast.data.text import get_cleaner
 
@@ -39,10 +39,7 @@ def _read_vqa(path, image_dir, image_key: str, fields: tuple, language: Optional
               clean_answer, max_words, skip_bad_samples: bool, check_images: bool) -> SampleSet:
     """Shared VQA-RAD / SLAKE reader; `language` set means filter on `q_lang`."""
     path = Path(path)
-    data = load_json(path)
-    if not isinstance(data, list):
-        raise DataFormatError(f"{path}: expected a list of question entries with fields {list(fields)}, "
-                              f"got {type(data).__name__}")
+    data = load_json_list(path, f"question entries with fields {list(fields)}")
     image_dir = path.parent if image_dir is None else Path(image_dir)
     question_cleaner, answer_cleaner = get_cleaner(clean_question), get_cleaner(clean_answer)
 
