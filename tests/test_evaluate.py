@@ -30,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A synthetic twin, its tokenizer, a tiny MultimodalLM (ViT -> grouping projector -> decoder) and a builder."""
+    """A synthetic twin, its tokenizer, a tiny MultimodalLM (ViT -> GroupedProjection -> decoder) and a builder."""
     root = tmp_path_factory.mktemp("evaluate")
     generate_demo(root / "data", seed=1, n=10, size=32, n_volumes=0)
     reports = list(demo_samples(root / "data", "report", "test"))

@@ -1,4 +1,4 @@
-"""A tiny untrained MultimodalLM (ViT -> grouping projector -> decoder) over 16x16 grayscale images, for tests that
+"""A tiny untrained MultimodalLM (ViT -> GroupedProjection -> decoder) over 16x16 grayscale images, for tests that
 generate from a real model path in milliseconds."""
 
 from pathlib import Path
