@@ -10,8 +10,7 @@ import transformers
 from peft import LoraConfig as PeftLoraConfig
 from peft import set_peft_model_state_dict
 
-from mrgfast.assemble.data import synthetic_texts
-from mrgfast.data import build_demo_tokenizer, load_tokenizer
+from mrgfast.assemble.data import demo_tokenizer
 from mrgfast.data.synthetic import generate_demo
 from mrgfast.demo.base_models import hf_llama_config
 from mrgfast.models import Decoder, DecoderConfig
@@ -31,8 +30,7 @@ class DemoData:
         self.root = Path(tempfile.mkdtemp(prefix="mrgfast-e2e-"))
         try:
             generate_demo(self.root, seed=seed, n=n, size=image_size, n_volumes=0)
-            build_demo_tokenizer(synthetic_texts(self.root), self.root / "tokenizer")
-            self.tokenizer = load_tokenizer(self.root / "tokenizer")
+            self.tokenizer = demo_tokenizer(self.root)
         except BaseException:
             self.close()
             raise

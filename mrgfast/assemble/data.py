@@ -71,6 +71,11 @@ def build_tokenizer(config: TrainConfig, root: Optional[Path]):
         return load_tokenizer(path)
     if root is None:
         raise ConfigError("model.tokenizer_path: real data without a decoder checkpoint needs a tokenizer directory")
+    return demo_tokenizer(root)
+
+
+def demo_tokenizer(root: Path):
+    """The synthetic twin's demo tokenizer, learnt from its training texts once into `root`/tokenizer."""
     directory = build_directory_once(root / "tokenizer", "tokenizer.json",
                                      lambda temp: build_demo_tokenizer(synthetic_texts(root), temp))
     return load_tokenizer(directory)
