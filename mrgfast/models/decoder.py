@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from mrgfast.layers.lora_qkv import LoRAQKV
 from mrgfast.layout import AttentionLayout, OutputRows, Segments
 from mrgfast.models.attention import varlen_attention
 from mrgfast.models.config import DecoderConfig
@@ -41,6 +42,26 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden, kv_dim, bias=config.qkv_bias)
         self.v_proj = nn.Linear(hidden, kv_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(q_dim, hidden, bias=config.o_bias)
+        self.fuse_qkv = True  # q/k/v LoRA through one fused op when possible (fused_qkv)
+
+    def fused_qkv(self) -> Optional[LoRAQKV]:
+        """One fused q/k/v op when all three projections carry LoRA that can share it (LoRAQKV's rules), else None.
+
+        Built on first use and rebuilt when the projections change (LoRA applied or removed later); kept out of the
+        module tree, so state dicts, adapters and parameter names are the projections' own.
+        """
+        if not self.fuse_qkv:
+            return None
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        key = tuple(id(p) for p in projections)
+        cached = self.__dict__.get("_fused_qkv")
+        if cached is None or cached[0] != key:
+            try:
+                fused = LoRAQKV(*projections)
+            except ValueError:  # not all LoRA, or LoRA that cannot share one input / buffer / dropout
+                fused = None
+            self.__dict__["_fused_qkv"] = cached = (key, fused)
+        return cached[1]
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, layout: AttentionLayout, cache=None,
                 rows: Optional[OutputRows] = None) -> Tensor:
@@ -48,13 +69,20 @@ class Attention(nn.Module):
         new keys join each sequence's cached ones. With `rows`, only those rows query (keys and values still
         come from every token): the output is [len(rows.index), hidden]."""
         tokens = x.shape[0]
-        k = apply_rope(self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+        fused = self.fused_qkv() if rows is None else None  # with rows, q reads other inputs than k and v
+        if fused is not None:
+            q, k, v = fused(x)
+        else:
+            k, v = self.k_proj(x), self.v_proj(x)
+        k = apply_rope(k.view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(tokens, self.num_kv_heads, self.head_dim)
         seg_q = layout.seg_q
         if rows is not None:
             x, cos, sin, seg_q = (x.index_select(0, rows.index), cos.index_select(0, rows.index),
                                   sin.index_select(0, rows.index), rows.seg)
-        q = apply_rope(self.q_proj(x).view(x.shape[0], self.num_heads, self.head_dim), cos, sin)
+        if fused is None:
+            q = self.q_proj(x)
+        q = apply_rope(q.view(x.shape[0], self.num_heads, self.head_dim), cos, sin)
         k, v = layout.gather(k, v)
         seg_k = layout.seg_k
         if cache is not None:

@@ -41,6 +41,9 @@ def shard_model(model: nn.Module, ctx: DistContext, shard_trainable: bool = Fals
     mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
     ignored = None if shard_trainable else {p for p in model.parameters() if p.requires_grad}
     for block in model.decoder.model.layers:
+        # The fused q/k/v op re-points the base weights into one buffer; FSDP2 swaps them between shards and
+        # gathered copies around every forward, so sharded layers keep three separate projections.
+        block.self_attn.fuse_qkv = False
         fully_shard(block, mesh=mesh, ignored_params=ignored)
     fully_shard(model, mesh=mesh, ignored_params=ignored)
     return model

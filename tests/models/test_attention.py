@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from mrgfast.layout import Segments
-from mrgfast.models.attention import attention_backend, varlen_attention
+from mrgfast.models import attention
+from mrgfast.models.attention import (VarlenCall, attention_backend, choose_backend, expand_kv_heads, flex_varlen,
+                                      fused_varlen, masked_sdpa, varlen_attention, varlen_call)
 
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 
@@ -76,19 +78,134 @@ def test_bad_shapes_raise():
         varlen_attention(torch.zeros(4, 2, 8), kv, kv, seg, Segments.from_lengths([2, 2], "cpu"))
 
 
+def random_qkv(q_lengths, k_lengths, heads, kv_heads, dtype=torch.float32, seed=0, head_dim=12):
+    """q [Tq, heads, D], k and v [Tk, kv_heads, D] needing gradients, and an upstream gradient."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(sum(q_lengths), heads, head_dim, generator=g).to(dtype).requires_grad_()
+    k = torch.randn(sum(k_lengths), kv_heads, head_dim, generator=g).to(dtype).requires_grad_()
+    v = torch.randn(sum(k_lengths), kv_heads, head_dim, generator=g).to(dtype).requires_grad_()
+    return q, k, v, torch.randn(q.shape, generator=g).to(dtype)
+
+
+def assert_matches_reference(out, q, k, v, grad_out, q_lengths, k_lengths, dtype=torch.float32):
+    """`out` (and its gradients) equal the dense hand-written reference's."""
+    ref = reference_attention(q, k, v, q_lengths, k_lengths)
+    torch.testing.assert_close(out.float(), ref, **TOLERANCE[dtype])
+    if q.shape[0] == 0:
+        return
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out.float())
+    for name, grad, ref_grad in zip("qkv", grads, ref_grads):
+        torch.testing.assert_close(grad.float(), ref_grad.float(), **TOLERANCE[dtype], msg=name)
+
+
+@pytest.mark.parametrize("on_cuda, dtype, forced, flash, varlen, flex, expected", [
+    (False, torch.bfloat16, False, True, True, True, "sdpa"),            # CPU: per-document SDPA
+    (True, torch.bfloat16, True, True, True, True, "sdpa"),              # MRGFAST_BACKEND=reference
+    (True, torch.bfloat16, False, True, True, True, "flash_attn"),
+    (True, torch.float16, False, False, True, True, "torch_varlen"),
+    (True, torch.bfloat16, False, False, False, True, "flex"),           # torch without varlen_attn
+    (True, torch.float32, False, True, True, True, "flex"),              # the varlen kernels take half dtypes only
+    (True, torch.bfloat16, False, False, False, False, "masked_sdpa"),   # torch < 2.5: still one call, no loop
+])
+def test_backend_order(on_cuda, dtype, forced, flash, varlen, flex, expected):
+    assert choose_backend(on_cuda, dtype, forced, flash, varlen, flex) == expected
+
+
+def test_every_torch_varlen_signature_is_called_causally():
+    def fn():
+        return None
+    assert varlen_call(fn, {"window_size": 0, "enable_gqa": 0}) == VarlenCall(fn, {"window_size": (-1, 0)}, True)
+    assert varlen_call(fn, {"window_size": 0}) == VarlenCall(fn, {"window_size": (-1, 0)}, False)  # torch 2.11
+    assert varlen_call(fn, {"is_causal": 0}) == VarlenCall(fn, {"is_causal": True}, False)
+    assert varlen_call(fn, {"scale": 0}) is None  # no causal option: not usable
+
+
+def test_expanded_kv_heads_are_gqa():
+    q, k, v, _ = random_qkv([6], [6], 6, 2)
+    expanded = [expand_kv_heads(t, 6) for t in (k, v)]
+    assert expanded[0].shape == (6, 6, 12) and expand_kv_heads(q, 6) is q
+    heads_first = [t.transpose(0, 1) for t in (q, *expanded)]
+    torch.testing.assert_close(torch.nn.functional.scaled_dot_product_attention(*heads_first, is_causal=True),
+                               torch.nn.functional.scaled_dot_product_attention(
+                                   q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True,
+                                   enable_gqa=True))
+
+
+def test_torch_varlen_without_gqa_gets_expanded_kv_and_the_causal_keyword(monkeypatch):
+    q_lengths, k_lengths = [3, 2], [6, 2]
+    q, k, v, grad_out = random_qkv(q_lengths, k_lengths, 4, 2)
+    calls = []
+
+    def varlen_without_gqa(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, window_size=(-1, -1)):
+        """torch 2.11's signature, computed by the reference (which needs the keys' heads to be the queries')."""
+        calls.append((k.shape[1], window_size, max_q, max_k))
+        return reference_attention(q, k, v, q_lengths, k_lengths)
+
+    monkeypatch.setattr(attention, "torch_varlen_call",
+                        lambda: varlen_call(varlen_without_gqa, {"window_size": 0, "scale": 0}))
+    out = fused_varlen("torch_varlen", q, k, v, Segments.from_lengths(q_lengths, "cpu"),
+                       Segments.from_lengths(k_lengths, "cpu"), None)
+    assert calls == [(4, (-1, 0), 3, 6)]
+    assert_matches_reference(out, q, k, v, grad_out, q_lengths, k_lengths)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # eager FlexAttention on CPU warns that it is unfused
+@pytest.mark.parametrize("q_lengths, k_lengths", CASES)
+@pytest.mark.parametrize("heads, kv_heads", [(4, 2), (3, 3)])
+def test_flex_document_mask_matches_dense_reference(q_lengths, k_lengths, heads, kv_heads):
+    from torch.nn.attention.flex_attention import flex_attention
+    # Forward only: FlexAttention has no CPU backward (the GPU test checks the gradients).
+    q, k, v = (t.detach() for t in random_qkv(q_lengths, k_lengths, heads, kv_heads)[:3])
+    seg_q, seg_k = Segments.from_lengths(q_lengths, "cpu"), Segments.from_lengths(k_lengths, "cpu")
+    out = flex_varlen(q, k, v, seg_q, seg_k, None, flex=flex_attention)  # eager: the mask, not the compiler
+    torch.testing.assert_close(out, reference_attention(q, k, v, q_lengths, k_lengths), **TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("q_lengths, k_lengths", CASES)
+@pytest.mark.parametrize("heads, kv_heads", [(4, 2), (3, 3)])
+def test_one_masked_sdpa_matches_dense_reference(q_lengths, k_lengths, heads, kv_heads):
+    q, k, v, grad_out = random_qkv(q_lengths, k_lengths, heads, kv_heads)
+    out = masked_sdpa(q, k, v, Segments.from_lengths(q_lengths, "cpu"), Segments.from_lengths(k_lengths, "cpu"),
+                      None)
+    assert_matches_reference(out, q, k, v, grad_out, q_lengths, k_lengths)
+
+
+CUDA_BACKENDS = ["flash_attn", "torch_varlen", "flex", "masked_sdpa"]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("q_lengths, k_lengths", CASES[:3])
-def test_cuda_backend_matches_dense_reference(q_lengths, k_lengths):
-    g = torch.Generator().manual_seed(1)
-    q = torch.randn(sum(q_lengths), 4, 64, generator=g).bfloat16()
-    k = torch.randn(sum(k_lengths), 2, 64, generator=g).bfloat16()
-    v = torch.randn(sum(k_lengths), 2, 64, generator=g).bfloat16()
-    seg_q, seg_k = Segments.from_lengths(q_lengths, "cuda"), Segments.from_lengths(k_lengths, "cuda")
-    out = varlen_attention(q.cuda(), k.cuda(), v.cuda(), seg_q, seg_k)
-    assert attention_backend(q.cuda()) in ("flash_attn", "torch_varlen")
-    torch.testing.assert_close(out.float().cpu(), reference_attention(q, k, v, q_lengths, k_lengths),
-                               **TOLERANCE[torch.bfloat16])
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("q_lengths, k_lengths", CASES)
+def test_every_cuda_backend_matches_dense_reference(backend, q_lengths, k_lengths, monkeypatch):
+    if backend == "flash_attn" and not attention.flash_attn_available():
+        pytest.skip("flash-attn is not installed")
+    if backend == "torch_varlen" and attention.torch_varlen_call() is None:
+        pytest.skip("this torch has no causal varlen_attn")
+    if backend == "flex" and attention.flex_attention_function() is None:
+        pytest.skip("this torch has no FlexAttention")
+    monkeypatch.setattr(attention, "attention_backend", lambda q: backend)
+    dtype = torch.float32 if backend in ("flex", "masked_sdpa") else torch.bfloat16
+    q, k, v, grad_out = random_qkv(q_lengths, k_lengths, 4, 2, dtype=torch.float32, seed=1, head_dim=64)
+    cuda = [t.detach().to("cuda", dtype).requires_grad_() for t in (q, k, v)]
+    out = varlen_attention(*cuda, Segments.from_lengths(q_lengths, "cuda"), Segments.from_lengths(k_lengths, "cuda"))
+    ref = reference_attention(q, k, v, q_lengths, k_lengths)
+    tolerance = TOLERANCE[torch.bfloat16] if dtype == torch.bfloat16 else dict(rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(out.float().cpu(), ref, **tolerance)
+    if q.shape[0] == 0:
+        return
+    grads = torch.autograd.grad(out, cuda, grad_out.to("cuda", dtype))
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out)
+    for name, grad, ref_grad in zip("qkv", grads, ref_grads):
+        torch.testing.assert_close(grad.float().cpu(), ref_grad, **tolerance, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_half_tensors_never_take_the_per_document_loop():
+    q = torch.zeros(4, 2, 64, device="cuda", dtype=torch.bfloat16)
+    assert attention_backend(q) in ("flash_attn", "torch_varlen", "flex", "masked_sdpa")
 
 
 STATIC_ROWS = [[5, 1, 6], [4, 0, 8], [12]]  # rows of width 12: several documents, an empty one, a whole row

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mrgfast.layers import LoRALinear
-from mrgfast.models import load_decoder
+from mrgfast.models import Decoder, DecoderConfig, load_decoder
 from mrgfast.layout import OutputRows, Segments
 from mrgfast.peft import LoraConfig, apply_lora, save_adapter
 from tests.models.tiny_hf import TEXT_MODELS, hf_logits, our_logits, random_ids, vl_embeds_and_positions, vl_inputs
@@ -240,3 +240,46 @@ def test_cuda_bf16_output_rows_match_cpu_full_stream(hf_model):
     fast = gpu(input_ids=ids.cuda(), cu_seqlens=torch.tensor(bounds, dtype=torch.int32, device="cuda"),
                output_rows=rows)
     assert_bf16_close(fast, exact)
+
+
+def lora_decoder_pair(targets, dropout: float = 0.0):
+    """Two identical tiny decoders with LoRA (non-zero B) on `targets`, the second with q/k/v fusion turned off."""
+    config = DecoderConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, qkv_bias=True)
+    decoders = []
+    for fuse in (True, False):
+        torch.manual_seed(0)
+        decoder = Decoder(config)
+        decoder.requires_grad_(False)
+        apply_lora(decoder, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=targets))
+        with torch.no_grad():
+            for name, param in decoder.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
+        for layer in decoder.model.layers:
+            layer.self_attn.fuse_qkv = fuse
+        decoders.append(decoder)
+    return decoders
+
+
+def test_qkv_lora_runs_through_the_fused_op_with_the_same_outputs_and_gradients():
+    fused, separate = lora_decoder_pair(["q_proj", "k_proj", "v_proj", "o_proj"])
+    ids = torch.randint(0, 50, (1, 13), generator=torch.Generator().manual_seed(1))
+    outputs = []
+    for decoder in (fused, separate):
+        hidden = decoder(input_ids=ids, cu_seqlens=[0, 6, 13])
+        hidden.square().sum().backward()
+        outputs.append((hidden, {n: p.grad for n, p in decoder.named_parameters() if p.requires_grad}))
+    assert all(layer.self_attn.fused_qkv() is not None for layer in fused.model.layers)
+    assert all(layer.self_attn.fused_qkv() is None for layer in separate.model.layers)
+    torch.testing.assert_close(outputs[0][0], outputs[1][0], rtol=1e-5, atol=1e-5)
+    assert outputs[0][1].keys() == outputs[1][1].keys() and len(outputs[0][1]) == 2 * 4 * 2
+    for name, grad in outputs[0][1].items():
+        torch.testing.assert_close(grad, outputs[1][1][name], rtol=1e-5, atol=1e-5, msg=name)
+    # The fused op keeps the projections' own parameters and names: the state dicts are the same.
+    assert fused.state_dict().keys() == separate.state_dict().keys()
+
+
+def test_qkv_fusion_needs_lora_on_all_three():
+    fused, _ = lora_decoder_pair(["q_proj", "v_proj"])
+    assert all(layer.self_attn.fused_qkv() is None for layer in fused.model.layers)
