@@ -14,7 +14,7 @@ from mrgfast.layers.affine_prompt import AffinePromptGenerator
 from mrgfast.layers.diagnostic_prefix import DiagnosticPrefix
 from mrgfast.layers.grouped_projection import GroupedProjection
 from mrgfast.models import (Decoder, DecoderConfig, FeatureCache, MultimodalLM, Qwen2VLMerger, ViT, ViT3D, VisionTower,
-                            load_decoder)
+                            decoder_on_device, load_decoder)
 from mrgfast.models.feature_cache import check_no_augmentation
 from mrgfast.models.vit_io import is_vit_dir, load_vit
 from mrgfast.peft import apply_lora, load_adapter
@@ -34,23 +34,26 @@ class ModelParts:
     volume_config: Optional[VolumeConfig] = None
 
 
-def build_decoder(config: TrainConfig, vocab_size: int) -> Decoder:
-    """The decoder: from model.name_or_path, or random with the configured sizes (M-RoPE for ldp)."""
+def build_decoder(config: TrainConfig, vocab_size: int, device: Optional[torch.device] = None) -> Decoder:
+    """The decoder: from model.name_or_path (streamed to `device`), or random with the configured sizes (M-RoPE for
+    ldp), made on an accelerator `device` directly (a 7B model is never initialised in fp32 on the CPU first)."""
     m = config.model
+    dtype = torch.bfloat16 if m.dtype == "bfloat16" else None
     if m.name_or_path is not None:
-        dtype = torch.bfloat16 if m.dtype == "bfloat16" else None
-        decoder = load_decoder(m.name_or_path, dtype=dtype)
+        decoder = load_decoder(m.name_or_path, dtype=dtype, device=device)
     else:
         head_dim = m.hidden_size // m.num_attention_heads
         mrope = None
         if m.recipe == "ldp":  # Qwen2-VL's 3-axis rotary split, scaled to the tiny head
             half = head_dim // 2
             mrope = (half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8)
-        decoder = Decoder(DecoderConfig(vocab_size=vocab_size, hidden_size=m.hidden_size,
-                                        intermediate_size=m.intermediate_size, num_hidden_layers=m.num_hidden_layers,
-                                        num_attention_heads=m.num_attention_heads,
-                                        num_key_value_heads=m.num_key_value_heads, mrope_section=mrope,
-                                        qkv_bias=m.recipe == "ldp"))
+        sizes = DecoderConfig(vocab_size=vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+                              num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
+                              num_key_value_heads=m.num_key_value_heads, mrope_section=mrope,
+                              qkv_bias=m.recipe == "ldp")
+        # On the CPU as always (bit-identical runs); elsewhere allocated and initialised on the device.
+        on_cpu = device is None or torch.device(device).type == "cpu"
+        decoder = Decoder(sizes) if on_cpu else decoder_on_device(sizes, device, dtype)
     if decoder.config.vocab_size < vocab_size:
         raise ConfigError(f"model.name_or_path: the decoder's vocabulary ({decoder.config.vocab_size}) is smaller "
                           f"than the tokenizer's ({vocab_size})")
@@ -105,10 +108,12 @@ def build_adapters(config: TrainConfig, dim: int, hidden: int) -> dict:
     return {"image": projector}
 
 
-def build_model(config: TrainConfig, vocab_size: int, views: int) -> ModelParts:
-    """The recipe's MultimodalLM: decoder (frozen, LoRA when enabled), vision encoder, adapters per slot."""
+def build_model(config: TrainConfig, vocab_size: int, views: int,
+                device: Optional[torch.device] = None) -> ModelParts:
+    """The recipe's MultimodalLM: decoder (frozen, LoRA when enabled; made on `device` when given), vision encoder,
+    adapters per slot."""
     m = config.model
-    decoder = build_decoder(config, vocab_size)
+    decoder = build_decoder(config, vocab_size, device)
     decoder.requires_grad_(False)
     if config.lora.enabled:
         apply_lora(decoder, config.lora.to_lora_config(m.name_or_path))

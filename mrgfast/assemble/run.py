@@ -44,7 +44,7 @@ def build_all(config: TrainConfig, device: torch.device, wrap: Optional[Callable
     if not samples:
         raise ConfigError(f"data: no samples read from {config.data.path or root} (split {config.data.split!r})")
     views = len(samples[0].image_paths)
-    parts = build_model(config, tokenizer.vocab_size, views)
+    parts = build_model(config, tokenizer.vocab_size, views, device)
     model = parts.model.to(device)
     builder = PromptBuilder(tokenizer, TEMPLATES[config.model.recipe], **parts.builder_kwargs)
     dataset = MedicalDataset(samples, image_config=parts.image_config, volume_config=parts.volume_config,

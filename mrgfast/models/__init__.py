@@ -14,7 +14,7 @@
 
 from mrgfast.models.attention import varlen_attention
 from mrgfast.models.config import DecoderConfig
-from mrgfast.models.decoder import Decoder
+from mrgfast.models.decoder import Decoder, decoder_on_device
 from mrgfast.models.feature_cache import FeatureCache
 from mrgfast.models.generation import KVCache, generate
 from mrgfast.models.loading import load_decoder
@@ -23,5 +23,5 @@ from mrgfast.models.vision import Qwen2VLMerger, VisionFeatures, VisionTower, qw
 from mrgfast.models.vit import ViT, ViT3D
 
 __all__ = ["AdapterSpec", "Decoder", "DecoderConfig", "FeatureCache", "KVCache", "MultimodalLM", "Qwen2VLMerger", "ViT",
-           "ViT3D", "VisionFeatures", "VisionTower", "generate", "load_decoder", "qwen2_vl_patchify", "register_adapter",
-           "varlen_attention"]
+           "ViT3D", "VisionFeatures", "VisionTower", "decoder_on_device", "generate", "load_decoder",
+           "qwen2_vl_patchify", "register_adapter", "varlen_attention"]

@@ -242,3 +242,22 @@ class Decoder(nn.Module):
             raise ValueError(f"position_ids must be [{batch}, {seq}] or [3, {batch}, {seq}], "
                              f"got shape {tuple(position_ids.shape)}")
         return position_ids.reshape(*axes, batch * seq)
+
+
+def decoder_on_device(config: DecoderConfig, device, dtype: Optional[torch.dtype] = None) -> Decoder:
+    """A randomly initialised Decoder allocated and initialised on `device` in `dtype`, never as an fp32 copy on the
+    CPU first: built on the meta device, then each module initialised in place, in construction order (so the same
+    seed gives Decoder(config)'s fp32 weights)."""
+    with torch.device("meta"):
+        decoder = Decoder(config)
+    decoder.to_empty(device=device)
+    if dtype is not None:
+        decoder.to(dtype)
+    with torch.no_grad():
+        for module in decoder.modules():
+            if isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+            elif isinstance(module, (nn.Linear, nn.Embedding)):
+                module.reset_parameters()
+    decoder.tie_weights()  # to_empty gave the tied LM head a tensor of its own
+    return decoder

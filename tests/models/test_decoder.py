@@ -283,3 +283,21 @@ def test_qkv_lora_runs_through_the_fused_op_with_the_same_outputs_and_gradients(
 def test_qkv_fusion_needs_lora_on_all_three():
     fused, _ = lora_decoder_pair(["q_proj", "v_proj"])
     assert all(layer.self_attn.fused_qkv() is None for layer in fused.model.layers)
+
+
+def test_a_decoder_made_on_its_device_has_decoder_init_without_a_cpu_copy():
+    from mrgfast.models import decoder_on_device
+    config = DecoderConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(3)
+    expected = Decoder(config)
+    torch.manual_seed(3)
+    made = decoder_on_device(config, "cpu")  # the CPU twin of the accelerator path: same construction order
+    assert made.state_dict().keys() == expected.state_dict().keys()
+    for name, tensor in made.state_dict().items():
+        torch.testing.assert_close(tensor, expected.state_dict()[name], rtol=0, atol=0, msg=name)
+    assert made.lm_head.weight is made.model.embed_tokens.weight  # still tied after to_empty
+    half = decoder_on_device(config, "cpu", torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    assert not any(p.is_meta for p in half.parameters())
+    assert torch.isfinite(half(input_ids=torch.tensor([[1, 2, 3]])).float()).all()
