@@ -19,7 +19,8 @@ def check_head(model: nn.Module, what: str) -> nn.Linear:
     head = model.lm_head
     if type(head) is not nn.Linear:
         raise TypeError(f"{what}: lm_head is a {type(head).__module__}.{type(head).__qualname__} (LoRA on lm_head or "
-                        "lm_head in modules_to_save?); the fused loss reads a plain nn.Linear's weight: pass loss=False")
+                        "lm_head in modules_to_save?); the fused loss reads a plain nn.Linear's weight: "
+                        "pass loss=False")
     if head._forward_hooks or head._forward_pre_hooks or hasattr(head, "_hf_hook"):
         raise TypeError(f"{what}: lm_head has forward hooks (accelerate offloading?) that the fused loss would bypass; "
                         "pass loss=False")

@@ -1,11 +1,12 @@
-"""mrgfast.patch / mrgfast.unpatch: put mrgfast's kernels into a transformers (+ PEFT) model instance, and take them out."""
+"""mrgfast.patch / mrgfast.unpatch: mrgfast's kernels into a transformers (+ PEFT) model instance, and back out."""
+
+import importlib.util
 
 from torch import nn
 
 from mrgfast.integrations.causal_lm import check_head, check_loss_function, fused_loss_forward
 from mrgfast.integrations.instance import check_restorable, patched_by, replace_forward, restore_forward
 from mrgfast.integrations.models import check_known, unwrap_peft
-from mrgfast.integrations.peft_lora import fused_lora_forward, lora_layers, mark_warned, warn_left_on_peft
 
 OWNER = "mrgfast.patch"
 NORMS_MISSING = ("norms=True: mrgfast has no fused RMSNorm, RoPE or SwiGLU kernels yet (issue 12), so there is "
@@ -32,7 +33,10 @@ def patch(model: nn.Module, lora: bool = True, loss: bool = True, norms: bool = 
     if loss:
         check_head(hf_model, OWNER)
         check_loss_function(hf_model, OWNER)
-    layers, left = lora_layers(model) if lora else ([], {})
+    layers, left = [], {}
+    if lora and importlib.util.find_spec("peft") is not None:  # without PEFT installed there are no PEFT layers
+        from mrgfast.integrations.peft_lora import fused_lora_forward, lora_layers, mark_warned, warn_left_on_peft
+        layers, left = lora_layers(model)
     for name, module in layers + ([(type(hf_model).__name__, hf_model)] if loss else []):
         if "forward" in module.__dict__:
             # Someone (Liger, TRL's fused LM head) already replaced this instance's forward: ours would run
@@ -42,7 +46,8 @@ def patch(model: nn.Module, lora: bool = True, loss: bool = True, norms: bool = 
     for name, layer in layers:
         replace_forward(layer, fused_lora_forward(name), OWNER)
         mark_warned(layer, left.get(name, []))
-    warn_left_on_peft(left)
+    if left:
+        warn_left_on_peft(left)
     if loss:
         replace_forward(hf_model, fused_loss_forward(hf_model, known, return_logits), OWNER)
     return model

@@ -59,8 +59,6 @@ def lora_layers(model: nn.Module) -> tuple:
 
 def warn_left_on_peft(left: dict) -> None:
     """One warning naming the modules (and why) that stay on PEFT's path."""
-    if not left:
-        return
     listed = few([f"{name} ({', '.join(reasons)})" for name, reasons in left.items()])
     warnings.warn(f"mrgfast.patch: these LoRA modules stay on PEFT's own path (the fused op does not implement "
                   f"what they use): {listed}", stacklevel=3)

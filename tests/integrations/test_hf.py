@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 import transformers
-from peft import PeftModel
+from peft import LoraConfig, PeftModel
 
 import mrgfast
 from mrgfast.integrations.instance import SAVED
@@ -173,21 +173,47 @@ def test_unsupported_lora_features_stay_on_peft_with_one_warning_naming_them(set
         torch.testing.assert_close(got_grads[name], want_grads[name], **TOL, msg=name)
 
 
-def test_lora_bias_and_an_adapter_added_after_patching_are_warned_once(one_thread):
-    model = mrgfast.patch(with_lora(build("llama"), target_modules=["q_proj"]))
-    model.add_adapter("biased", copy.deepcopy(model.peft_config["default"]))
-    model.peft_config["biased"].lora_bias = True
+def test_several_active_adapters_and_mixed_adapter_batches_run_on_peft_warned_once(one_thread):
+    model = with_lora(build("llama"), target_modules=["q_proj"])
+    model.add_adapter("other", copy.deepcopy(model.peft_config["default"]))
     inputs = batch("llama")
+    patched = mrgfast.patch(copy.deepcopy(model))
+    model.eval()  # PEFT takes adapter_names in eval mode only
+    patched.eval()
+    mixed = dict(inputs, adapter_names=["default", "other"])
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.testing.assert_close(patched(**mixed).loss, model(**mixed).loss, **TOL)
+        for peft_model in (model, patched):
+            peft_model.base_model.set_adapter(["default", "other"])
+        torch.testing.assert_close(patched(**inputs).loss, model(**inputs).loss, **TOL)
+        patched(**inputs)
+    ours = sorted(str(w.message) for w in caught if "mrgfast" in str(w.message))
+    assert len(ours) == 2 * 2, ours  # each reason once per q_proj (two layers)
+    assert "2 adapters active at once" in ours[0] and "adapter_names" in ours[-1]
+
+
+def test_lora_bias_and_a_dora_adapter_added_after_patching_stay_on_peft_warned_once(one_thread):
+    inputs = batch("llama")
+    biased = with_lora(build("llama"), target_modules=["q_proj"], lora_bias=True)
+    model = with_lora(build("llama"), target_modules=["q_proj"])
+    want = biased(**inputs).loss
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model(**inputs)  # "default" is active: fused, silent
-        biased = with_lora(build("llama"), target_modules=["q_proj"], lora_bias=True)
-        want = biased(**inputs).loss
         got = mrgfast.patch(biased)(**inputs).loss
         biased(**inputs)
+        mrgfast.patch(model)
+        model.add_adapter("dora", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True))
+        model.set_adapter("dora")
+        twin = mrgfast.unpatch(copy.deepcopy(model))  # a deep copy carries the patch; unpatched: PEFT alone
+        got_dora, want_dora = model(**inputs).loss, twin(**inputs).loss
+        model(**inputs)
     ours = [str(w.message) for w in caught if "mrgfast" in str(w.message)]
-    assert len(ours) == 1 and "lora_bias" in ours[0]
+    assert len(ours) == 3, ours  # at patch time one for both biased layers; at run time one per DoRA layer
+    assert "layers.0.self_attn.q_proj (lora_bias), " in ours[0]
+    assert ours[1].endswith("q_proj runs on PEFT's own path: Dora")
     torch.testing.assert_close(got, want, **TOL)
+    torch.testing.assert_close(got_dora, want_dora, **TOL)
 
 
 def test_unknown_model_classes_are_refused_and_left_untouched():

@@ -43,13 +43,13 @@ def base_model():
     return llama(vocab_size=VOCAB).eval()
 
 
-def make_trainer(model, tokenizer, out_dir, trainer_class=DPOTrainer, peft_config=None, **config):
+def make_trainer(model, tokenizer, out_dir, trainer_class=DPOTrainer, peft_config=None, ref_model=None, **config):
     """A DPOTrainer over the four pairs, 2 pairs per step, fp32 (TRL's configs default to bf16 autocast)."""
     args = DPOConfig(output_dir=str(out_dir), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
                      beta=0.5, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, bf16=False,
                      disable_tqdm=True, seed=0, dataset_num_proc=None, **config)
-    return trainer_class(model=model, args=args, train_dataset=Dataset.from_dict(PAIRS), processing_class=tokenizer,
-                         peft_config=peft_config)
+    return trainer_class(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_dict(PAIRS),
+                         processing_class=tokenizer, peft_config=peft_config)
 
 
 def logs(trainer) -> list:
@@ -75,10 +75,18 @@ def patched_by_subclass(tokenizer, out_dir, **config):
     return make_trainer(model, tokenizer, out_dir, trainer_class=FusedDPOTrainer, **config)
 
 
+def full_fine_tuning(tokenizer, out_dir, patched=True, **config):
+    """No PEFT: every weight trains (the head too) against a separate reference model."""
+    trainer = make_trainer(base_model(), tokenizer, out_dir, ref_model=base_model(), **config)
+    return patch_dpo_trainer(trainer) if patched else trainer
+
+
 def unpatched_like(how, tokenizer, out_dir, **config):
     """TRL's own run with the same model and settings as `how` builds."""
     if how is patched_by_call:
         return make_trainer(base_model(), tokenizer, out_dir, peft_config=peft_config(), **config)
+    if how is full_fine_tuning:
+        return full_fine_tuning(tokenizer, out_dir, patched=False, **config)
     return make_trainer(with_lora(base_model(), **LORA), tokenizer, out_dir, **config)
 
 
@@ -87,7 +95,8 @@ def unpatched_like(how, tokenizer, out_dir, **config):
     (patched_by_subclass, {}),
     (patched_by_subclass, dict(precompute_ref_log_probs=True, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5])),
     (patched_by_call, dict(use_weighting=True)),
-], ids=["call", "subclass", "subclass-precomputed-ref-rpo", "call-wpo"])
+    (full_fine_tuning, {}),
+], ids=["call", "subclass", "subclass-precomputed-ref-rpo", "call-wpo", "full-fine-tuning-ref-model"])
 def test_patched_dpo_logs_the_same_losses_and_metrics_for_two_steps(how, config, tokenizer, tmp_path, one_thread,
                                                                     monkeypatch):
     monkeypatch.setattr(trl_integration, "CHUNK_BYTES", 4 * VOCAB * 8)  # metrics over several chunks of 8 tokens
