@@ -24,6 +24,10 @@ def check_head(model: nn.Module, what: str) -> nn.Linear:
     if head._forward_hooks or head._forward_pre_hooks or hasattr(head, "_hf_hook"):
         raise TypeError(f"{what}: lm_head has forward hooks (accelerate offloading?) that the fused loss would bypass; "
                         "pass loss=False")
+    if type(head.weight).__name__ == "DTensor" or hasattr(head.weight, "ds_id"):
+        # TRL's own head gathers a sharded weight first; mrgfast's ops take the whole [vocab, hidden] matrix.
+        raise TypeError(f"{what}: lm_head's weight is sharded (FSDP2 / DeepSpeed ZeRO-3), which the fused ops do not "
+                        "gather")
     return head
 
 

@@ -48,6 +48,20 @@ def test_patched_loss_and_every_trainable_gradient_match_unpatched(arch, peft, o
         torch.testing.assert_close(got_grads[name], want_grads[name], **TOL, msg=name)
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_patched_model_on_the_triton_kernels_matches_unpatched(arch, monkeypatch, one_thread):
+    """The kernels a GPU runs (in Triton's interpreter here): Qwen2's q/k/v bias goes through the fused LoRA op."""
+    monkeypatch.setenv("MRGFAST_BACKEND", "triton")
+    model = with_lora(build(arch))
+    inputs = batch(arch)
+    want_loss, want_grads = loss_and_grads(model, inputs)
+    got_loss, got_grads = loss_and_grads(mrgfast.patch(model), inputs)
+    torch.testing.assert_close(got_loss, want_loss, **TOL)
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], **TOL, msg=name)
+
+
 def test_loss_follows_transformers_for_num_items_in_batch_shift_labels_and_ignore_index(one_thread):
     model = with_lora(build("llama"))
     inputs = batch("llama")

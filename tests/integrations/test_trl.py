@@ -16,7 +16,7 @@ from mrgfast.data import build_demo_tokenizer
 from mrgfast.integrations import trl as trl_integration
 from mrgfast.integrations.instance import patched_by
 from mrgfast.integrations.trl import FusedDPOTrainer, patch_dpo_trainer, unpatch_dpo_trainer
-from tests.integrations.tiny import with_lora
+from tests.integrations.tiny import randomize_lora_b, with_lora
 from tests.models.tiny_hf import llama
 
 VOCAB = 320  # covers the tokenizer below (its 256 byte tokens, specials and a few merges)
@@ -112,6 +112,24 @@ def test_patched_dpo_logs_the_same_losses_and_metrics_for_two_steps(how, config,
     assert {"loss", "grad_norm", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
             "logps/chosen", "logps/rejected", "logits/chosen", "entropy", "mean_token_accuracy"} <= names
     assert want[1]["rewards/margins"] != 0  # the second step compares a trained policy with its reference
+
+
+@pytest.mark.triton
+def test_patched_dpo_loss_and_lora_gradients_on_the_triton_kernels(tokenizer, tmp_path, monkeypatch, one_thread):
+    """The log-prob and LoRA kernels a GPU runs (in Triton's interpreter here), on one batch."""
+    monkeypatch.setenv("MRGFAST_BACKEND", "triton")
+    found = []
+    trainers = unpatched_like(patched_by_call, tokenizer, tmp_path / "a"), patched_by_call(tokenizer, tmp_path / "b")
+    for trainer in trainers:
+        randomize_lora_b(trainer.model, seed=3)  # policy != reference
+        inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+        loss = trainer.compute_loss(trainer.model, inputs)
+        loss.backward()
+        found.append((loss.detach(), {n: p.grad for n, p in trainer.model.named_parameters() if p.requires_grad}))
+    (want, want_grads), (got, got_grads) = found
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-5, atol=1e-5, msg=name)
 
 
 class LargestVocabTensor(TorchDispatchMode):
