@@ -6,6 +6,7 @@ That head is the extension point: `patch_dpo_trainer(trainer)` puts mrgfast's in
 a separate reference model), or construct `FusedDPOTrainer` instead of `DPOTrainer`.
 """
 
+import functools
 import inspect
 
 import torch
@@ -68,9 +69,10 @@ def token_statistics(hidden: Tensor, head: nn.Linear, labels: Tensor, wanted: tu
             for name, parts in fields.items()}
 
 
-def fused_logprob_forward(outputs: tuple):
+def fused_logprob_forward(model_class: type, outputs: tuple):
     """The forward to bind in place of TRL's fused head: the same contract, log-probs from mrgfast's op."""
 
+    @functools.wraps(model_class.forward)  # the class's signature, as TRL keeps it: generate() validates against it
     def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
         if not fused_lm_head:
             return previous_forward(self, OWNER)(*args, labels=labels, shift_labels=shift_labels,
@@ -124,7 +126,7 @@ def patch_dpo_trainer(trainer: trl.DPOTrainer, lora: bool = True) -> trl.DPOTrai
     if patch_lora:
         hf.patch(policy, lora=True, loss=False)  # checks before it changes anything, like this function
     for hf_model, outputs in plans:
-        replace_forward(hf_model, fused_logprob_forward(outputs), OWNER)
+        replace_forward(hf_model, fused_logprob_forward(type(hf_model), outputs), OWNER)
     trainer.__dict__[PATCHED_LORA] = patch_lora
     return trainer
 
