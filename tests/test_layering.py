@@ -2,7 +2,8 @@
 goes to a package of the same layer or one below, and no two packages import each other, directly or round a loop.
 
 Bottom to top: foundation -> ops -> layers/losses -> peft/models/data/metrics -> training machinery -> assembly
-(config + building a run) -> train/evaluate/onpolicy_pairs -> demo -> `__main__` entry points.
+(config + building a run) -> train/evaluate/onpolicy_pairs/integrations -> demo -> `__main__` entry points -> the
+root package's lazy re-exports.
 """
 
 import ast
@@ -14,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1] / "mrgfast"
 
 # Package (or top-level module) -> layer. A module belongs to the longest name here that prefixes it.
 LAYERS = {
-    "mrgfast": 0,                  # the package's own __init__ (version only)
+    "mrgfast": 9,                  # the package's own __init__: a facade above everything, re-exporting lazily
     "mrgfast._C": 0,               # the native extension
     "mrgfast.common": 0,
     "mrgfast.layout": 0,
@@ -32,6 +33,7 @@ LAYERS = {
     "mrgfast.train": 6,
     "mrgfast.evaluate": 6,
     "mrgfast.onpolicy_pairs": 6,
+    "mrgfast.integrations": 6,     # HF / PEFT / TRL drop-ins: may import ops, layers, losses, peft, models...
     "mrgfast.demo": 7,
 }
 ENTRY_POINT_LAYER = 8  # `python -m` entry points (`__main__`): nothing imports them, they may import anything
