@@ -1,5 +1,6 @@
 """The GPU suite's own logic: the parts and their order, --only, the budget, failures and skips, the files it writes."""
 
+import importlib
 import importlib.util
 import json
 import sys
@@ -44,6 +45,23 @@ def test_gpu_shapes_are_passed_as_overrides():
     part = parts_module.benchmark_part("lora_linear", smoke=False)
     assert "--quick" not in part.argv and "tokens=8192" in part.argv
     assert parts_module.benchmark_part("e2e_dpo", smoke=False).requires == ("trl",)
+
+
+def test_gpu_shapes_name_fields_the_benchmarks_have():
+    for name, shape in parts_module.GPU_SHAPES.items():
+        full = importlib.import_module(f"benchmarks.{name}").FULL
+        assert set(shape) <= set(full), f"{name}: {set(shape) - set(full)}"
+
+
+@pytest.mark.parametrize("smoke", [False, True], ids=["gpu", "smoke"])
+def test_the_training_runs_parse(smoke):
+    from mrgfast.config import parse_cli
+
+    for part in (parts_module.train_part(smoke), parts_module.profile_part(smoke)):
+        argv = [arg.replace("{work}", "/tmp/x") for arg in part.argv if "=" in arg and not arg.startswith("--")]
+        config = parse_cli(argv)
+        assert config.model.recipe == "pefomed" and config.resume == "none"
+        assert (config.device, config.model.hidden_size) == (("cpu", 64) if smoke else ("cuda", 2048))
 
 
 def test_only_takes_parts_and_groups_in_suite_order():

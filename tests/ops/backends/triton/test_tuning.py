@@ -201,6 +201,8 @@ def test_cache_dir_is_user_settable(monkeypatch, tmp_path):
 
 @pytest.mark.gpu
 def test_twenty_token_counts_tune_at_most_three_times_and_a_new_process_none(tuner_env):
+    # Forward calls only: each tuning compiles and times every candidate, and this runs in the GPU suite's time box
+    # (the backward kernels' keys are checked in the interpreter, tests/ops/backends/triton/test_tuned_launch.py).
     from mrgfast.ops import lora_linear
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -221,16 +223,3 @@ def test_twenty_token_counts_tune_at_most_three_times_and_a_new_process_none(tun
     tuning.forget()  # a second process with the same cache directory tunes nothing
     forward_calls()
     assert len(tuner_env) <= 3
-
-    # Forward and backward: every kernel at every fixed shape still tunes once per bucket at most.
-    tuner_env.clear()
-    for tokens in counts:
-        x = torch.randn(tokens, 1024, device="cuda", generator=g, dtype=torch.bfloat16, requires_grad=True)
-        a, b = lora_a.clone().requires_grad_(), lora_b.clone().requires_grad_()
-        lora_linear(x, weight, None, a, b, 2.0, 0.05, training=True, seed=tokens).sum().backward()
-    per_shape = {}
-    for event in tuner_env:
-        # The key without the bucketed token count (the kernels' first key argument after the device).
-        shape = (event.kernel,) + event.key[2:]
-        per_shape[shape] = per_shape.get(shape, 0) + 1
-    assert per_shape and max(per_shape.values()) <= 3, per_shape
