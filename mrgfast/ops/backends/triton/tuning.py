@@ -192,8 +192,11 @@ class Tuned:
         """What a stored choice is only valid for: the kernel's source, the configs, Triton's and CUDA's versions."""
         import triton
 
-        return "\n".join([inspect.getsource(self.kernel.fn), *map(describe, self.configs), triton.__version__,
-                          str(torch.version.cuda)])
+        try:
+            source = inspect.getsource(self.kernel.fn)
+        except (OSError, TypeError):  # no source file (a frozen install): the name stands in for it
+            source = getattr(self.kernel.fn, "__qualname__", self.name)
+        return "\n".join([source, *map(describe, self.configs), triton.__version__, str(torch.version.cuda)])
 
     def load(self, path: Path) -> dict:
         """The choices stored in `path` (read once per process), {} when it is missing or unreadable."""

@@ -20,7 +20,7 @@ TRITON_MODULES = ("lora_linear", "linear_cross_entropy", "grouped_projection")
 
 
 @pytest.fixture
-def gpu_branch(monkeypatch, tmp_path):
+def gpu_branch(monkeypatch, tuner_env):
     """Triton ops on CPU tensors take their GPU branch; yields the tunings it makes."""
     if not triton_interpreting():
         pytest.skip("runs the kernels in the Triton interpreter (TRITON_INTERPRET=1)")
@@ -35,15 +35,8 @@ def gpu_branch(monkeypatch, tmp_path):
             monkeypatch.setattr(module, "split_for_parallelism", lambda *args, **kwargs: 2)
     timings = iter(range(10**6, 0, -1))  # each candidate measures faster than the one before: the last one wins
     monkeypatch.setattr(tuning, "do_bench", lambda fn: (fn(), float(next(timings)))[1])
-    monkeypatch.setenv(tuning.AUTOTUNE_ENV, "on")
-    monkeypatch.setenv(tuning.CACHE_ENV, str(tmp_path))
     monkeypatch.setenv("MRGFAST_BACKEND", "triton")
-    tuning.forget()
-    events = []
-    tuning.listeners.append(events.append)
-    yield events
-    tuning.listeners.remove(events.append)
-    tuning.forget()
+    return tuner_env
 
 
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

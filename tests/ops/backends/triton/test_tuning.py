@@ -12,19 +12,6 @@ from mrgfast.ops.backends.triton.tuning import Tuned, token_bucket
 triton = pytest.importorskip("triton")
 
 
-@pytest.fixture
-def tuner_env(monkeypatch, tmp_path):
-    """Tuning on, a fresh cache directory, nothing in memory; yields the list every TuningEvent lands in."""
-    monkeypatch.setenv(tuning.AUTOTUNE_ENV, "on")
-    monkeypatch.setenv(tuning.CACHE_ENV, str(tmp_path / "tuning"))
-    tuning.forget()
-    events = []
-    tuning.listeners.append(events.append)
-    yield events
-    tuning.listeners.remove(events.append)
-    tuning.forget()
-
-
 def test_token_bucket_is_the_power_of_two_at_or_above():
     assert [token_bucket(n) for n in (0, 1, 2, 3, 1000, 1024, 1025, 2048, 2049, 4000)] == \
         [0, 1, 2, 4, 1024, 1024, 2048, 2048, 4096, 4096]
