@@ -63,7 +63,9 @@ def main(argv=None) -> int:
     print(f"gpu_suite: {environment.get('device')} | torch {environment.get('torch')} | triton "
           f"{environment.get('triton')} | commit {environment.get('commit')} | {len(parts)} parts in {budget:.0f} s "
           f"-> {out}", flush=True)
-    results = run_suite(parts, budget, out, lambda result, elapsed: print(progress_line(result, elapsed), flush=True))
+    # The budget covers the whole command: what the environment probe took is not the parts' to spend.
+    results = run_suite(parts, budget - (time.monotonic() - started), out,
+                        lambda result, elapsed: print(progress_line(result, elapsed), flush=True))
     summary = {"suite": "mrgfast gpu_suite", "date": date, "mode": "cpu-smoke" if args.cpu_smoke else "gpu",
                "budget_s": budget, "seconds": round(time.monotonic() - started, 1),
                "command": shlex.join(["python", "-m", "benchmarks.gpu_suite", *(sys.argv[1:] if argv is None else argv)]),

@@ -97,8 +97,8 @@ def run_part(part: Part, limit: float, out: Path, run=run_process) -> dict:
     try:
         result["report"] = read_report(part.reader, where["json"], where["work"])
         read_error = None
-    except (OSError, ValueError) as error:  # nothing (or nothing readable) was written
-        read_error = f"no report: {error}"
+    except Exception as error:  # noqa: BLE001 - nothing, or nothing readable, was written: the suite goes on
+        read_error = f"no report: {type(error).__name__}: {error}"
     if code is None:
         return {**result, "status": "timeout", "error": f"ran past its time box of {limit:.0f} s\n{tail(where['log'])}"}
     if code == 0 and read_error is None:
@@ -124,7 +124,12 @@ def run_suite(parts: list, budget: float, out: Path, echo: Callable[[dict, float
     for part in parts:
         elapsed = time.monotonic() - start
         allowance = min(share[part.name] + carried, budget - elapsed)
-        result = run_part(part, allowance, out, run)
+        try:
+            result = run_part(part, allowance, out, run)
+        except Exception as error:  # noqa: BLE001 - the part could not even start: record it and go on
+            result = {"name": part.name, "group": part.group, "limit_s": round(allowance, 1), "seconds": 0.0,
+                      "command": list(part.argv), "log": None, "report": None, "status": "failed",
+                      "error": f"could not run: {type(error).__name__}: {error}"}
         # What a part left unused goes to the next: a fast part gives the slower ones more room.
         carried = max(0.0, allowance - result["seconds"])
         results.append(result)

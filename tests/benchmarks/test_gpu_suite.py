@@ -127,6 +127,19 @@ def test_a_failing_part_is_recorded_and_the_suite_goes_on(tmp_path):
     assert (tmp_path / "logs" / "a.log").exists() and "d" not in run.limits
 
 
+def test_a_part_that_cannot_start_or_leaves_a_broken_report_is_a_failure(tmp_path):
+    def cannot_start(argv, env, log, limit):
+        raise FileNotFoundError("no such interpreter")
+    results = run_suite([fake("a"), fake("b", reader="pytest")], 50, tmp_path, lambda *_: None, run=cannot_start)
+    assert [r["status"] for r in results] == ["failed", "failed"] and "no such interpreter" in results[0]["error"]
+
+    def half_written(argv, env, log, limit):
+        (tmp_path / "work" / "b" / "junit.xml").write_text("<testsuites><testsu")
+        return 1, 1.0
+    result = run_part(fake("b", reader="pytest"), 50, tmp_path, run=half_written)
+    assert result["status"] == "failed" and "no report: ParseError" in result["error"]
+
+
 def test_a_part_is_skipped_when_the_budget_is_spent(tmp_path):
     result = run_part(fake("late"), 2.0, tmp_path, run=StandIn({}))
     assert result["status"] == "skipped" and "no time left" in result["error"]
