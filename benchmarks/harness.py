@@ -1,6 +1,7 @@
 """Benchmark harness: each main()'s opening (open_run), machine info, alternating timing, peak memory, JSON report."""
 
 import argparse
+import ast
 import gc
 import json
 import os
@@ -21,13 +22,30 @@ RESULTS_DIR = REPO_ROOT / "bench-results"
 MIB = 1024.0 ** 2
 
 
-def parse_args(name: str, description: str) -> argparse.Namespace:
-    """The shared command line: `--quick` for small shapes, `--out` for the JSON path."""
+def parse_args(name: str, description: str, argv=None) -> argparse.Namespace:
+    """The shared command line: `--quick` for small shapes, `--out` for the JSON path, `--set` to change a shape."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="small shapes that finish in seconds on 2 CPU cores")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / f"{name}.json",
                         help=f"where the JSON report goes (default: bench-results/{name}.json)")
-    return parser.parse_args()
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="change one field of the shapes (a Python literal: tokens=8192, warmup=0); repeatable")
+    return parser.parse_args(argv)
+
+
+def with_overrides(shape: dict, overrides: list[str]) -> dict:
+    """`shape` with `--set KEY=VALUE` applied (values read as Python literals, else kept as text); a key the shape
+    does not have is an error that lists the ones it has."""
+    shape = dict(shape)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or key not in shape:
+            raise SystemExit(f"--set {item}: expected KEY=VALUE with KEY one of {', '.join(shape)}")
+        try:
+            shape[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            shape[key] = text
+    return shape
 
 
 def default_device() -> torch.device:
@@ -127,11 +145,14 @@ class Run:
     device: torch.device
     dtype: torch.dtype
     started: dict  # start_run()'s machine description and CPU-usage snapshot
+    overrides: tuple = ()  # the --set KEY=VALUE items the shapes were changed by
 
     def config(self, fields: dict) -> dict:
-        """The report's config: mode, device and dtype first, then the benchmark's own fields (which may override)."""
+        """The report's config: mode, device, dtype and any --set first, then the benchmark's own fields (which may
+        override)."""
+        changed = {"overrides": list(self.overrides)} if self.overrides else {}
         return {"mode": "quick" if self.quick else "full", "device": self.device.type,
-                "dtype": str(self.dtype).split(".")[-1], **fields}
+                "dtype": str(self.dtype).split(".")[-1], **changed, **fields}
 
     def report(self, fields: dict, results: dict[str, dict]) -> dict:
         """write_report of `results` with config(fields), to --out."""
@@ -139,11 +160,13 @@ class Run:
 
 
 def open_run(name: str, description: str, quick: dict, full: dict) -> Run:
-    """Every benchmark main()'s opening: parse --quick / --out, snapshot the machine, pick shapes, device, dtype."""
+    """Every benchmark main()'s opening: parse --quick / --out / --set, snapshot the machine, pick shapes, device,
+    dtype."""
     args = parse_args(name, description)
+    shape = with_overrides(quick if args.quick else full, args.overrides)
     started = start_run()
     device = default_device()
-    return Run(name, args.quick, args.out, quick if args.quick else full, device, compute_dtype(device), started)
+    return Run(name, args.quick, args.out, shape, device, compute_dtype(device), started, tuple(args.overrides))
 
 
 def cycling(items: list, step: Callable[[object], object]) -> Callable[[], object]:
@@ -279,9 +302,10 @@ def measure_case(fns: dict[str, Callable[[], object]], device: torch.device, war
 def headline(results: dict[str, dict]) -> tuple[float, Optional[float]]:
     """The least favourable case: lowest speed_ratio and highest memory_ratio over the cases.
 
-    Cases marked "ablation" (a design alternative measured for comparison, not what mrgfast runs) are left out.
+    Cases marked "ablation" (a design alternative measured for comparison, not what mrgfast runs) or "peer" (another
+    fast library, not the eager baseline) are left out.
     """
-    cases = [case for case in results.values() if not case.get("ablation")]
+    cases = [case for case in results.values() if not case.get("ablation") and not case.get("peer")]
     speed = min(case["speed_ratio"] for case in cases)
     memories = [case["memory_ratio"] for case in cases if case["memory_ratio"] is not None]
     return speed, (max(memories) if memories else None)

@@ -1,4 +1,8 @@
-"""Benchmark: per-token log-probs from hidden states, mrgfast's fused LM head vs logits + log_softmax + gather."""
+"""Benchmark: per-token log-probs from hidden states, mrgfast's fused LM head vs logits + log_softmax + gather.
+
+On a GPU with Liger-Kernel installed (`pip install -e '.[peers]'`) it also compares, at the same shapes and dtype,
+mrgfast's fused cross-entropy and fused DPO loss with Liger's (benchmarks/peers.py).
+"""
 
 import sys
 from pathlib import Path
@@ -10,6 +14,7 @@ if __package__ in (None, ""):
 import torch
 
 from benchmarks import harness
+from benchmarks.peers import PEER, liger_cases
 from mrgfast.ops import linear_logprobs, reference_logprobs
 from mrgfast.ops.backend import select_backend
 from mrgfast.ops.linear_cross_entropy import IMPLEMENTED, kernels as head_kernels
@@ -79,8 +84,11 @@ def main() -> None:
             kernels.GRAD_IN_FORWARD = default
         mode = "grad_in_forward" if not default else "recompute_in_backward"
         results[f"frozen_head_{mode}"] = {**other, "ablation": True}
+    peers, peer_missing = liger_cases(h, weight, labels, shapes, device, TOLERANCE[dtype])
+    results.update(peers)
     run.report({**{k: shapes[k] for k in ("tokens", "hidden", "vocab", "warmup", "repeats")},
                 "mrgfast_backend": backend, "grad_in_forward_default": kernels.GRAD_IN_FORWARD,
+                "peers": {PEER: peer_missing or "measured"},
                 "step": "logp = f(hidden, W, labels); logp.backward(g); hidden requires grad, head frozen",
                 "agreement": errors}, results)
 

@@ -11,6 +11,9 @@ from torch import nn
 # defined: set it before any test imports mrgfast's kernels, so `pytest` alone also tests them.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Kernel tests run each Triton kernel with one fixed config: autotuning made the GPU tests take minutes. The tuner's
+# own tests turn it back on.
+os.environ.setdefault("MRGFAST_TRITON_AUTOTUNE", "off")
 
 VOCAB = 40
 HIDDEN = 16

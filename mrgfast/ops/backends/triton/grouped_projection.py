@@ -16,6 +16,7 @@ import triton.language as tl
 
 from mrgfast.ops.backends.triton.common import grouped_program_ids, launch_settings
 from mrgfast.ops.backends.triton.group_tokens import layout_args, slot_source
+from mrgfast.ops.backends.triton.tuning import Tuned
 
 MAX_DIM = 16384  # the LayerNorm backward keeps a whole token row on chip
 
@@ -219,10 +220,10 @@ def _configs():
 
 
 @functools.cache
-def _tuned(kernel_name: str):
-    """One GEMM kernel under the autotuner (built lazily: the interpreter has no autotuner)."""
-    kernel = globals()[kernel_name]
-    return triton.autotune(_configs(), key=["M", "N", "D", "GROUP_H", "GROUP_W"])(kernel)
+def _tuned(kernel_name: str) -> Tuned:
+    """One GEMM kernel under the tuner (built lazily: the interpreter has no benchmarker); M, the visual tokens
+    of the batch, by its power-of-two bucket."""
+    return Tuned(globals()[kernel_name], _configs(), key=["M", "N", "D"], buckets=["M"])
 
 
 INTERPRET_BLOCKS = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32)
@@ -251,7 +252,7 @@ def _launch(kernel_name, grid_of, args, flags, settings):
     if settings.interpret:
         globals()[kernel_name][grid_of(INTERPRET_BLOCKS)](*args, **flags, **INTERPRET_BLOCKS)
     else:
-        _tuned(kernel_name)[grid_of](*args, **flags)
+        _tuned(kernel_name)(grid_of, *args, **flags)
 
 
 def forward(x, weight, bias, norm_weight, norm_bias, layout, normalize, eps):

@@ -8,6 +8,7 @@ import triton.language as tl
 
 from mrgfast.ops.backends.triton.common import launch_settings, split_for_parallelism
 from mrgfast.ops.backends.triton.lora_linear import matmul_tn
+from mrgfast.ops.backends.triton.tuning import Tuned, token_bucket
 
 # With a frozen head, the forward can form dL/dh (as Liger does): per chunk of tokens, the logits from
 # one cuBLAS GEMM, a row kernel turning them into dL/dlogits in place, a second GEMM: 2 GEMMs instead of
@@ -143,22 +144,23 @@ def row_loss_grad_kernel(
         tl.store(logits + offs_v, grad.to(LOGITS.dtype.element_ty), mask=mask_v)
 
 
+# The token count N is tuned by its power-of-two bucket: packed batches change length every step.
 @functools.cache
-def _tuned_forward():
-    """lse_forward_kernel under the autotuner (built lazily: the interpreter has no autotuner)."""
+def _tuned_forward() -> Tuned:
+    """lse_forward_kernel under the tuner (built lazily: the interpreter has no benchmarker)."""
     configs = [triton.Config({"BLOCK_N": n, "BLOCK_V": v, "BLOCK_D": d}, num_warps=w, num_stages=s)
                for n, v, d, w, s in [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (64, 256, 64, 8, 3),
                                      (128, 64, 64, 4, 4), (64, 64, 32, 4, 3)]]
-    return triton.autotune(configs, key=["N", "V", "D", "SPLIT_V"])(lse_forward_kernel)
+    return Tuned(lse_forward_kernel, configs, key=["N", "V", "D"], buckets=["N"])
 
 
 @functools.cache
-def _tuned_grad():
-    """logits_grad_kernel under the autotuner."""
+def _tuned_grad() -> Tuned:
+    """logits_grad_kernel under the tuner."""
     configs = [triton.Config({"BLOCK_N": n, "BLOCK_V": v, "BLOCK_D": d}, num_warps=w, num_stages=s)
                for n, v, d, w, s in [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
                                      (64, 64, 32, 4, 3)]]
-    return triton.autotune(configs, key=["N", "V", "D"])(logits_grad_kernel)
+    return Tuned(logits_grad_kernel, configs, key=["N", "V", "D"], buckets=["N"])
 
 
 def interpreter_blocks(vocab_size: int) -> dict:
@@ -202,7 +204,9 @@ def online_loss_forward(hidden, weight, bias, labels, ignore_index, label_smooth
     settings = launch_settings(hidden)
     device = hidden.device
     # Few token tiles cannot fill the GPU: split the vocabulary too, merging the partial logsumexps after.
-    split = 1 if settings.interpret else split_for_parallelism(vocab, triton.cdiv(n_tokens, 64), device, 4096)
+    # Tiles counted from the token bucket: SPLIT_V is a constexpr in the tuning key and must not follow every length.
+    split = 1 if settings.interpret else split_for_parallelism(vocab, triton.cdiv(token_bucket(n_tokens), 64), device,
+                                                               4096)
     if settings.interpret:
         blocks = interpreter_blocks(vocab)
         split = 2 if vocab > 2 * blocks["BLOCK_V"] else 1  # exercise the merge in tests too
@@ -216,7 +220,7 @@ def online_loss_forward(hidden, weight, bias, labels, ignore_index, label_smooth
             lse_forward_kernel[grid](*args, **flags, **blocks)
         else:
             grid = lambda meta: (triton.cdiv(n_tokens, meta["BLOCK_N"]), split)  # noqa: E731
-            _tuned_forward()[grid](*args, **flags)
+            _tuned_forward()(grid, *args, **flags)
     run_max, run_sum, target = parts[0], parts[1], parts[2]
     lse = torch.logsumexp(run_max + torch.log(run_sum), dim=0)
     losses = lse - (1.0 - label_smoothing) * target.sum(0)
@@ -255,7 +259,7 @@ def token_loss_backward(grad_losses, hidden, weight, bias, labels, lse, ignore_i
             logits_grad_kernel[grid](*args, **flags, **blocks)
         else:
             grid = lambda meta: (triton.cdiv(stop - start, meta["BLOCK_N"]), triton.cdiv(vocab, meta["BLOCK_V"]))  # noqa: E731,B023
-            _tuned_grad()[grid](*args, **flags)
+            _tuned_grad()(grid, *args, **flags)
         if need_hidden:
             grad_hidden[start:stop] = torch.mm(g, weight)
         if need_weight:

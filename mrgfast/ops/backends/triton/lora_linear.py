@@ -9,6 +9,7 @@ import triton.language as tl
 from mrgfast.ops.backends.triton.common import (
     grouped_program_ids, keep_mask, launch_settings, padded_rank, split_for_parallelism,
 )
+from mrgfast.ops.backends.triton.tuning import Tuned, token_bucket
 
 MAX_RANK = 256
 
@@ -182,28 +183,27 @@ def _gemm_configs(out_block: str, reduction_block: str, large_rank: bool):
             for m, n, k, w, s in shapes]
 
 
+# The token count M is tuned by its power-of-two bucket: packed batches change length every step.
 @functools.cache
-def _tuned_forward(large_rank: bool):
-    """lora_forward_kernel under the autotuner (built lazily: the interpreter has no autotuner)."""
-    configs = _gemm_configs("BLOCK_N", "BLOCK_K", large_rank)
-    return triton.autotune(configs, key=["M", "N", "K", "R"])(lora_forward_kernel)
-
-
-@functools.cache
-def _tuned_grad_input(large_rank: bool):
-    """lora_grad_input_kernel under the autotuner: DX's columns are tiled by BLOCK_K, N is reduced."""
-    configs = _gemm_configs("BLOCK_K", "BLOCK_N", large_rank)
-    return triton.autotune(configs, key=["M", "N", "K", "R", "COMPUTE_DX"])(lora_grad_input_kernel)
+def _tuned_forward(large_rank: bool) -> Tuned:
+    """lora_forward_kernel under the tuner (built lazily: the interpreter has no benchmarker)."""
+    return Tuned(lora_forward_kernel, _gemm_configs("BLOCK_N", "BLOCK_K", large_rank), key=["M", "N", "K", "R"],
+                 buckets=["M"])
 
 
 @functools.cache
-def _tuned_matmul_tn():
-    """matmul_tn_kernel under the autotuner; split-M partial sums need C zeroed before every trial."""
+def _tuned_grad_input(large_rank: bool) -> Tuned:
+    """lora_grad_input_kernel under the tuner: DX's columns are tiled by BLOCK_K, N is reduced."""
+    return Tuned(lora_grad_input_kernel, _gemm_configs("BLOCK_K", "BLOCK_N", large_rank), key=["M", "N", "K", "R"],
+                 buckets=["M"])
+
+
+@functools.cache
+def _tuned_matmul_tn() -> Tuned:
+    """matmul_tn_kernel under the tuner; split-M partial sums and accumulation add into C, restored after tuning."""
     configs = [triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=s)
                for m, w, s in [(32, 4, 4), (64, 4, 4), (64, 8, 3), (128, 8, 3)]]
-    # Autotuning reruns the kernel: partial sums (split or accumulate) must start again from C's contents.
-    return triton.autotune(configs, key=["M", "P", "Q", "SPLIT_M", "ACCUMULATE"],
-                           restore_value=["C"])(matmul_tn_kernel)
+    return Tuned(matmul_tn_kernel, configs, key=["M", "P", "Q"], buckets=["M"], restore=["C"])
 
 
 def _check_rank(rank: int) -> int:
@@ -233,7 +233,7 @@ def lora_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
         lora_forward_kernel[grid](*args, **flags, **blocks)
     else:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-        _tuned_forward(R > 64)[grid](*args, **flags)
+        _tuned_forward(R > 64)(grid, *args, **flags)
     return y, xa
 
 
@@ -261,7 +261,7 @@ def _grad_input(grad_y, weight, lora_a, lora_b, scaling, dropout_p, seed, comput
         blocks = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16)
         lora_grad_input_kernel[grid(blocks)](*args, **flags, **blocks)
     else:
-        _tuned_grad_input(R > 64)[grid](*args, **flags)
+        _tuned_grad_input(R > 64)(grid, *args, **flags)
     return dx, dyb
 
 
@@ -278,7 +278,8 @@ def matmul_tn(left, right, alpha=1.0, out_dtype=None, dropout_p=0.0, seed=None, 
     settings = launch_settings(right)
     block_p, block_q = (min(128, padded_rank(P)), min(128, padded_rank(Q)))
     tiles = triton.cdiv(P, block_p) * triton.cdiv(Q, block_q)
-    split = 1 if settings.interpret else split_for_parallelism(M, tiles, right.device)
+    # Split by M's bucket, not M: SPLIT_M is a constexpr in the tuning key, so it must not change with every length.
+    split = 1 if settings.interpret else split_for_parallelism(token_bucket(M), tiles, right.device)
     if P == 0 or Q == 0:
         return out if out is not None else torch.zeros((P, Q), dtype=out_dtype, device=right.device)
     if out is not None:
@@ -295,7 +296,7 @@ def matmul_tn(left, right, alpha=1.0, out_dtype=None, dropout_p=0.0, seed=None, 
         matmul_tn_kernel[(triton.cdiv(P, block_p), triton.cdiv(Q, block_q), 1)](*args, **flags, BLOCK_M=16)
     else:
         grid = (triton.cdiv(P, block_p), triton.cdiv(Q, block_q), split)
-        _tuned_matmul_tn()[grid](*args, **flags)
+        _tuned_matmul_tn()(grid, *args, **flags)
     return out if out is not None else c.to(out_dtype)
 
 

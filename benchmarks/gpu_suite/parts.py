@@ -1,0 +1,162 @@
+"""The suite's parts: what each one runs, its default share of the time budget, the optional packages it needs."""
+
+import importlib.util
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BENCHMARKS = REPO_ROOT / "benchmarks"
+
+# Optional packages a part may need, by import name -> pip name: missing, the part is skipped with the pip name.
+OPTIONAL_PACKAGES = {"flash_attn": "flash-attn", "trl": "trl", "liger_kernel": "liger-kernel"}
+
+# Default seconds per part: they add up to the 9-minute default budget on one H100/H200 (a larger or smaller
+# --budget scales them). The test part stays under 3 minutes.
+DEFAULT_SECONDS = {
+    "tests": 160,
+    # kernel benchmarks (150 s)
+    "lora_linear": 30, "linear_cross_entropy": 60, "grouped_projection": 25, "group_tokens": 15, "affine_prompt": 20,
+    # end-to-end benchmarks (165 s)
+    "e2e_sft": 60, "e2e_dpo": 40, "hf_patch": 25, "feature_cache": 25, "cost_model": 15,
+    "train_cuda_graphs": 40,
+    "profile": 25,
+}
+NEW_BENCHMARK_SECONDS = 20  # a benchmark file added later, until it is given its own share
+# Most telling first, so that a budget cut short loses the least: then any others, by name.
+KERNEL_ORDER = ["lora_linear", "linear_cross_entropy", "grouped_projection", "group_tokens", "affine_prompt"]
+E2E_ORDER = ["e2e_sft", "e2e_dpo", "hf_patch", "feature_cache", "cost_model"]
+DEFAULT_BUDGET = 540.0   # seconds: 9 minutes on the GPU
+SMOKE_BUDGET = 900.0     # --cpu-smoke on 2 shared CI cores: generous, it proves the parts run rather than their speed
+
+# Shapes at which the benchmarks run on the GPU (`--set` on top of their FULL shapes): those of the first H200 run
+# (shared/gpu-runs/2026-12-04), warm-up long enough to cover compilation and tuning, repeats for a stable median.
+GPU_SHAPES = {
+    "lora_linear": dict(tokens=8192, warmup=5, repeats=40),
+    # Qwen2-7B's head; few repeats: the naive path takes ~0.7 s a step there, and the Liger peer cases follow.
+    "linear_cross_entropy": dict(tokens=16384, hidden=3584, vocab=152064, warmup=1, repeats=5),
+    "grouped_projection": dict(warmup=5, repeats=30),
+    "group_tokens": dict(warmup=5, repeats=30),
+    "affine_prompt": dict(warmup=5, repeats=30),
+    "e2e_sft": dict(vit_dim=384, vit_depth=6, vit_heads=6, hidden=2048, intermediate=5632, layers=8, heads=16,
+                    budget=2048, rows=4, warmup=2, repeats=5),
+    "e2e_dpo": dict(warmup=2, repeats=5),
+}
+# --cpu-smoke: every benchmark at its quick shapes, one untimed-warm-up-free repeat: it proves the part runs.
+SMOKE_SHAPES = dict(warmup=0, repeats=1)
+
+# The training runs: PeFoMed stage 1 with the first H200 run's 0.55B-class decoder (hidden 2048, 8 layers of 16
+# heads, intermediate 5632, a 384-wide 6-deep ViT), bf16, 4 rows of 2048 tokens; under --cpu-smoke the config's own
+# tiny model on the CPU (cuda_graphs=true runs eagerly there).
+GPU_RUN = ["config=configs/pefomed_stage1.yaml", "device=cuda", "model.dtype=bfloat16", "model.hidden_size=2048",
+           "model.intermediate_size=5632", "model.num_hidden_layers=8", "model.num_attention_heads=16",
+           "model.num_key_value_heads=16", "model.vision_dim=384", "model.vision_depth=6", "model.vision_heads=6",
+           "data.token_budget=2048", "data.rows=4", "data.synthetic_n=400"]
+SMOKE_RUN = ["config=configs/pefomed_stage1.yaml", "device=cpu", "data.synthetic_n=8"]
+RUN_QUIET = ["telemetry.progress_bar=false", "telemetry.tensorboard=false", "checkpoint.save_at_end=false",
+             "checkpoint.every_steps=1000000", "resume=none"]
+TRAIN_STEPS = {False: 30, True: 3}  # by smoke
+PROFILE_SKIP = {False: 3, True: 1}  # steps before the profiled one (compilation, tuning, allocator warm-up)
+
+
+@dataclass(frozen=True)
+class Part:
+    """One part of the suite: a command run in its own process under a time box, and how its figures are read."""
+
+    name: str
+    group: str          # tests | kernels | e2e | train | profile: `--only` takes group names too
+    seconds: float      # default share of the budget
+    argv: tuple         # the command: "{json}" stands for the part's report file, "{work}" for its work folder
+    reader: str         # how its report is read: json (the {json} it wrote) | pytest ({work}/junit.xml) | train
+                        # ({work}/run/metrics.jsonl)
+    requires: tuple = ()  # optional packages (import names) it cannot run without
+    env: tuple = ()     # (name, value) environment settings of its process
+
+    def missing(self) -> list:
+        """pip names of the optional packages this part needs and this environment lacks."""
+        return [OPTIONAL_PACKAGES.get(name, name) for name in self.requires if importlib.util.find_spec(name) is None]
+
+
+def benchmark_names() -> list:
+    """Every benchmark script of benchmarks/ (a module that opens its run with harness.open_run; helpers do not),
+    and the end-to-end ones named in E2E_ORDER wherever their file exists."""
+    found = {path.stem for path in BENCHMARKS.glob("[a-z]*.py") if "harness.open_run(" in path.read_text(encoding="utf-8")}
+    return sorted(found | {name for name in E2E_ORDER if (BENCHMARKS / f"{name}.py").exists()})
+
+
+def is_kernel_benchmark(name: str) -> bool:
+    """A kernel benchmark measures one op and is named after it (mrgfast/ops/<op>.py)."""
+    return (REPO_ROOT / "mrgfast" / "ops" / f"{name}.py").exists()
+
+
+def benchmark_part(name: str, smoke: bool) -> Part:
+    """A benchmark script run at GPU shapes (or, smoking, at its quick shapes once)."""
+    shapes = SMOKE_SHAPES if smoke else GPU_SHAPES.get(name, {})
+    argv = [sys.executable, "-m", f"benchmarks.{name}", "--out", "{json}"] + (["--quick"] if smoke else [])
+    for key, value in shapes.items():
+        argv += ["--set", f"{key}={value}"]
+    group = "kernels" if is_kernel_benchmark(name) else "e2e"
+    requires = ("trl",) if name == "e2e_dpo" else ()  # its baseline is TRL's DPOTrainer
+    return Part(name, group, DEFAULT_SECONDS.get(name, NEW_BENCHMARK_SECONDS), tuple(argv), "json", requires)
+
+
+def tests_part() -> Part:
+    """The GPU tests (`pytest -m gpu`), each Triton kernel at one fixed config so that compiling, not tuning, is
+    what they wait for."""
+    argv = (sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "--junitxml={work}/junit.xml")
+    return Part("tests", "tests", DEFAULT_SECONDS["tests"], argv, "pytest",
+                env=(("MRGFAST_TRITON_AUTOTUNE", "off"),))
+
+
+def run_args(smoke: bool) -> list:
+    """The training run's key=value arguments (model, data, quiet logging), without steps and output folder."""
+    return (SMOKE_RUN if smoke else GPU_RUN) + RUN_QUIET
+
+
+def train_part(smoke: bool) -> Part:
+    """The CUDA-graph training run, as a user starts it: `python -m mrgfast.train ... cuda_graphs=true`."""
+    steps = TRAIN_STEPS[smoke]
+    argv = [sys.executable, "-m", "mrgfast.train", *run_args(smoke), "cuda_graphs=true", f"schedule.max_steps={steps}",
+            f"telemetry.log_every={1 if smoke else 5}", "output_dir={work}/run"]
+    return Part("train_cuda_graphs", "train", DEFAULT_SECONDS["train_cuda_graphs"], tuple(argv), "train")
+
+
+def profile_part(smoke: bool) -> Part:
+    """One eager training step of the same run under torch.profiler: the kernels it spends its time in."""
+    argv = [sys.executable, "-m", "benchmarks.gpu_suite.profile_step", "--out", "{json}", "--skip",
+            str(PROFILE_SKIP[smoke]), *run_args(smoke), "output_dir={work}/run"]
+    return Part("profile", "profile", DEFAULT_SECONDS["profile"], tuple(argv), "json")
+
+
+def all_parts(smoke: bool) -> list:
+    """Every part in the order the suite runs them: tests, kernel benchmarks, end-to-end, training, profile."""
+    def ordered(names, order):
+        return sorted(names, key=lambda n: (order.index(n) if n in order else len(order), n))
+
+    names = benchmark_names()
+    kernels = ordered([n for n in names if is_kernel_benchmark(n)], KERNEL_ORDER)
+    others = ordered([n for n in names if not is_kernel_benchmark(n)], E2E_ORDER)
+    return ([tests_part()] + [benchmark_part(n, smoke) for n in kernels + others]
+            + [train_part(smoke), profile_part(smoke)])
+
+
+def select(parts: list, only: str) -> list:
+    """The parts `--only` names (comma-separated part or group names), in the suite's order; unknown names are an
+    error that lists the choices."""
+    if not only:
+        return list(parts)
+    wanted = [item.strip() for item in only.split(",") if item.strip()]
+    known = {p.name for p in parts} | {p.group for p in parts}
+    unknown = [item for item in wanted if item not in known]
+    if unknown or not wanted:
+        raise ValueError(f"--only {only!r}: unknown {', '.join(unknown) or 'empty list'}; choose from parts "
+                         f"{', '.join(p.name for p in parts)} or groups {', '.join(dict.fromkeys(p.group for p in parts))}")
+    return [p for p in parts if p.name in wanted or p.group in wanted]
+
+
+def shares(parts: list, budget: float) -> dict:
+    """Each part's time box before carry-over: its default seconds, all scaled down together when they add up to
+    more than `budget`."""
+    total = sum(p.seconds for p in parts)
+    scale = min(1.0, budget / total) if total else 1.0
+    return {p.name: p.seconds * scale for p in parts}
