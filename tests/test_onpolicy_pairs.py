@@ -91,7 +91,7 @@ def test_built_pairs_read_back_through_the_preference_reader(tiny, tmp_path, mon
     out = tmp_path / "pairs.jsonl"
     counts = build_onpolicy_pairs(tiny["model"], tiny["tokenizer"], samples, tiny["builder"], IMAGE, out)
     assert counts == {"studies": len(samples), "drawn": 2 * len(samples), "drawn_with_hallucination": 1, "pairs": 1}
-    (pair,) = read_preference_jsonl(out)  # absolute image paths: the file reads from anywhere
+    (pair,) = read_preference_jsonl(out, allow_outside=True)  # absolute image paths: the file reads from anywhere
     assert (pair.id, pair.answer, pair.rejected) == (target.id, answers[target.id], wrong)
     assert list(pair.image_paths) == [str(p) for p in map(os.path.abspath, target.image_paths)]
     assert json.loads(out.read_text())["change"] == "hallucinated: Pleural Effusion, Right Pleural Effusion"
