@@ -4,28 +4,33 @@
 wrote: report metrics on R2Gen-cleaned text (as R2Gen's compute_scores, plus CIDEr), clinical finding P/R/F1 and
 the hallucination rate from the finding labeler (reference vs generated report), and VQA exact match split
 closed/open. The CLI rebuilds the model of a training run from its resolved config.yaml, loads a checkpoint's
-adapter and trainable weights, and writes eval.json, generations.jsonl and a one-screen table.
+adapter and trainable weights, and writes eval.json, generations.jsonl and a one-screen table. With
+data.skip_bad_samples, samples whose media do not load are left out and counted (eval.json's "data").
 """
 
 import dataclasses
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
 import torch
 
 from mrgfast.assemble.evaluation import checkpoint_config, metric_cleaning, prepare_eval
+from mrgfast.common.program import run_program
 from mrgfast.config import parse_command_line
 from mrgfast.data.dataset import MedicalDataset
 from mrgfast.data.images import ImageConfig
 from mrgfast.data.labeler import OBSERVATIONS, label_report
+from mrgfast.data.samples import SampleSet
 from mrgfast.data.text import clean_report_iu_xray
 from mrgfast.data.volumes import VolumeConfig
 from mrgfast.metrics import (clinical_metrics, format_table, hallucination_rate, report_metrics,
                              vqa_accuracy, write_eval_json, write_generations)
 
-__all__ = ["EvalOptions", "SUMMARY_METRICS", "evaluate_model", "generate_texts", "main", "summary_table"]
+__all__ = ["EvalOptions", "SUMMARY_METRICS", "evaluate_model", "generate_texts", "loadable_samples", "main",
+           "summary_table"]
 
 REPORT_TASKS = ("report", "caption")
 EVAL_NAME = "eval"  # -> eval.json and eval.generations.jsonl
@@ -42,6 +47,19 @@ SUMMARY_METRICS = ("report/BLEU_1", "report/BLEU_4", "report/METEOR", "report/RO
 def media_kwargs(media: Union[ImageConfig, VolumeConfig, None]) -> dict:
     """MedicalDataset's keyword for a media config: volume_config for a VolumeConfig, else image_config."""
     return {"volume_config": media} if isinstance(media, VolumeConfig) else {"image_config": media}
+
+
+def loadable_samples(samples: Sequence, image_config: Union[ImageConfig, VolumeConfig, None],
+                     skip_bad_samples: bool) -> tuple:
+    """(the samples to generate for, their counts: the reader's plus, with `skip_bad_samples`, each sample whose
+    media do not load, left out and counted by reason as in training). Without it every sample is kept and a bad one
+    fails when generation loads it, naming it."""
+    if not skip_bad_samples:
+        stats = Counter(getattr(samples, "stats", {}))
+        stats["kept"] = len(samples)
+        return list(samples), stats
+    dataset = MedicalDataset(samples, **media_kwargs(image_config), skip_bad_samples=True).check()
+    return dataset.samples, dataset.stats
 
 
 def generate_texts(model, tokenizer, samples: Sequence, builder,
@@ -97,23 +115,24 @@ def evaluate_model(model, tokenizer, samples: Sequence, builder,
                    image_config: Union[ImageConfig, VolumeConfig, None] = None, *,
                    batch_size: int = 16, num_beams: int = 1, max_new_tokens: int = 100, meteor: bool = True,
                    clean: Callable[[str], str] = clean_report_iu_xray, output_dir=None, name: str = "eval",
-                   log: Optional[Callable[[str], None]] = print) -> dict:
+                   log: Optional[Callable[[str], None]] = print, skip_bad_samples: bool = False) -> dict:
     """Generate for every sample and score it; returns the metrics dict (report, clinical, hallucination, vqa,
     generation), and when `output_dir` is given writes `<name>.json` and `<name>.generations.jsonl` there.
 
     Report and caption samples get the report metrics, clinical P/R/F1 (micro and macro over the findings with
     support in the references) and the hallucination rate; VQA samples get exact-match accuracy, closed/open.
     `model` is a MultimodalLM, `builder` a PromptBuilder matching it, `image_config` how to load the media (a
-    VolumeConfig for CT volumes).
+    VolumeConfig for CT volumes). With `skip_bad_samples` samples whose media do not load are left out; "data" holds
+    the counts (the reader's, when `samples` is a SampleSet, and those skips).
     """
-    samples = list(samples)
+    samples, data_stats = loadable_samples(samples, image_config, skip_bad_samples)
     if not samples:
         raise ValueError("evaluate_model needs at least one sample, got none")
     start = time.perf_counter()
     texts = generate_texts(model, tokenizer, samples, builder, image_config, batch_size, num_beams, max_new_tokens)
     seconds = time.perf_counter() - start
     new_tokens = sum(len(tokenizer.encode(t)) for t in texts)
-    metrics = {"n_samples": len(samples)}
+    metrics = {"n_samples": len(samples), "data": dict(data_stats)}
     extra = {"task": [s.task for s in samples], "ref_findings": [None] * len(samples),
              "gen_findings": [None] * len(samples)}
     reports = [i for i, s in enumerate(samples) if s.task in REPORT_TASKS]
@@ -176,21 +195,23 @@ def parse_args(argv: Sequence[str]) -> tuple:
 
 
 def main(argv=None) -> int:
-    """Command-line entry: evaluate a checkpoint, write eval.json + generations.jsonl, print the table."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        options, overrides = parse_args(argv)
-        config = checkpoint_config(options.checkpoint, overrides)
-        model, tokenizer, builder, image_config, samples = prepare_eval(config, options.split, Path(options.checkpoint))
-    except (ValueError, FileNotFoundError) as err:
-        print(f"mrgfast.evaluate: {err}", file=sys.stderr)
-        return 2
+    """Command-line entry: evaluate a checkpoint, write eval.json + generations.jsonl, print the table; an error is
+    one line and its exit code (mrgfast.common.program)."""
+    return run_program("evaluate", evaluate_from_cli, argv)
+
+
+def evaluate_from_cli(argv: list) -> int:
+    """Evaluate the checkpoint the arguments name."""
+    options, overrides = parse_args(argv)
+    config = checkpoint_config(options.checkpoint, overrides)
+    model, tokenizer, builder, image_config, samples = prepare_eval(config, options.split, Path(options.checkpoint))
     if options.limit is not None:
-        samples = samples[:options.limit]
+        samples = SampleSet(samples[:options.limit], samples.stats)
     out = Path(options.output_dir or Path(options.checkpoint) / "eval")
     metrics = evaluate_model(model, tokenizer, samples, builder, image_config, batch_size=options.batch_size,
                              num_beams=options.num_beams, max_new_tokens=options.max_new_tokens,
-                             meteor=options.meteor, clean=metric_cleaning(config), output_dir=out, name=EVAL_NAME)
+                             meteor=options.meteor, clean=metric_cleaning(config), output_dir=out, name=EVAL_NAME,
+                             skip_bad_samples=config.data.skip_bad_samples)
     print(summary_table({Path(options.checkpoint).name: metrics}))
     print(f"mrgfast.evaluate: wrote {out / (EVAL_NAME + '.json')} and {out / (EVAL_NAME + '.' + GENERATIONS)}")
     return 0

@@ -3,11 +3,13 @@ faithful reference report (chosen). `python -m mrgfast.onpolicy_pairs checkpoint
 
 Template pairs (a finding injected into the reference) teach DPO errors a model may never make; pairs drawn from
 the model itself aim at the hallucinations it does make (the RLHF-V / RLAIF-V construction), labelled here by the
-finding labeler against the reference. The file is the JSONL `data.dataset=preference` reads.
+finding labeler against the reference. The file is the JSONL `data.dataset=preference` reads, with absolute image
+paths (so train on it with `data.allow_outside_image_dir=true`).
 """
 
 import dataclasses
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -15,17 +17,19 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from mrgfast.assemble.evaluation import load_for_eval
-from mrgfast.config import parse_command_line
+from mrgfast.assemble.evaluation import checkpoint_config, prepare_eval
 from mrgfast.common.files import atomic_write_text
+from mrgfast.common.program import run_program
+from mrgfast.config import parse_command_line
 from mrgfast.data.labeler import label_report
 from mrgfast.data.text import clean_report_iu_xray
-from mrgfast.evaluate import HALLUCINATION_FINDINGS, generate_texts
+from mrgfast.evaluate import HALLUCINATION_FINDINGS, generate_texts, loadable_samples
 
 
 @dataclasses.dataclass
 class PairOptions:
-    """How many reports are drawn per study and how (transformers' sampling names)."""
+    """How many reports are drawn per study and how (transformers' sampling names); checked when given, so a bad
+    option fails before the model is loaded."""
 
     num_samples: int = 4
     temperature: float = 1.0
@@ -38,6 +42,15 @@ class PairOptions:
     def __post_init__(self):
         if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {self.num_samples!r}")
+        for name in ("max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0: off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1: off), got {self.top_p}")
 
 
 def hallucinated(reference: str, generated: str) -> list:
@@ -82,9 +95,11 @@ def choose_pairs(samples: Sequence, drawn: Sequence[Sequence[str]],
 
 def build_onpolicy_pairs(model, tokenizer, samples: Sequence, builder, image_config, out,
                          options: Optional[PairOptions] = None,
-                         clean: Callable[[str], str] = clean_report_iu_xray) -> dict:
-    """Draw reports for the report samples, write the pairs to `out` (JSONL, atomically) and return the counts."""
+                         clean: Callable[[str], str] = clean_report_iu_xray, skip_bad_samples: bool = False) -> dict:
+    """Draw reports for the report samples, write the pairs to `out` (JSONL, atomically) and return the counts (with
+    `skip_bad_samples`, samples whose images do not load are left out, counted under "data")."""
     options = options or PairOptions()
+    samples, data_stats = loadable_samples(samples, image_config, skip_bad_samples)
     reports = [s for s in samples if s.task == "report"]
     if not reports:
         raise ValueError("on-policy pairs need report samples (task 'report'), got none")
@@ -94,6 +109,8 @@ def build_onpolicy_pairs(model, tokenizer, samples: Sequence, builder, image_con
         raise ValueError(f"none of the {counts['drawn']} drawn reports asserts a finding its reference lacks: no "
                          f"pairs to write to {out} (draw more with num_samples or a higher temperature)")
     atomic_write_text(out, "".join(json.dumps(row) + "\n" for row in rows), fsync=True)
+    if skip_bad_samples:
+        counts["data"] = dict(data_stats)
     return counts
 
 
@@ -108,18 +125,22 @@ class PairsCommand(PairOptions):
 
 
 def main(argv=None) -> int:
-    """Command-line entry: draw from a checkpoint's model on a split (default train), write the pairs JSONL."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        command, overrides = parse_command_line(argv, PairsCommand)
-        model, tokenizer, builder, image_config, samples = load_for_eval(command.checkpoint, overrides, command.split)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"mrgfast.onpolicy_pairs: {err}", file=sys.stderr)
-        return 2
+    """Command-line entry: draw from a checkpoint's model on a split (default train), write the pairs JSONL; an error
+    is one line and its exit code (mrgfast.common.program)."""
+    return run_program("onpolicy_pairs", pairs_from_cli, argv)
+
+
+def pairs_from_cli(argv: list) -> int:
+    """Build the pairs the arguments describe (options checked before the model is loaded)."""
+    command, overrides = parse_command_line(argv, PairsCommand)
+    config = checkpoint_config(command.checkpoint, overrides)
+    model, tokenizer, builder, image_config, samples = prepare_eval(config, command.split, Path(command.checkpoint))
     options = PairOptions(**{f.name: getattr(command, f.name) for f in dataclasses.fields(PairOptions)})
-    counts = build_onpolicy_pairs(model, tokenizer, samples, builder, image_config, Path(command.out), options)
+    counts = build_onpolicy_pairs(model, tokenizer, samples, builder, image_config, Path(command.out), options,
+                                  skip_bad_samples=config.data.skip_bad_samples)
     print(f"[onpolicy_pairs] {counts['pairs']} pairs from {counts['studies']} studies "
-          f"({counts['drawn_with_hallucination']} of {counts['drawn']} drawn reports hallucinate) -> {command.out}")
+          f"({counts['drawn_with_hallucination']} of {counts['drawn']} drawn reports hallucinate) -> {command.out} "
+          "(absolute image paths: train on it with data.allow_outside_image_dir=true)")
     return 0
 
 

@@ -79,7 +79,7 @@ def test_every_metric_key_and_the_wiring(tiny, tmp_path):
     metrics = evaluate.evaluate_model(tiny["model"], tiny["tokenizer"], samples, tiny["builder"], IMAGE,
                                       batch_size=4, max_new_tokens=5, meteor=False, output_dir=tmp_path, name="run",
                                       log=None)
-    assert set(metrics) == {"n_samples", "report", "clinical", "hallucination", "generation"}
+    assert set(metrics) == {"n_samples", "data", "report", "clinical", "hallucination", "generation"}
     assert set(metrics["report"]) == REPORT_KEYS
     assert set(metrics["clinical"]) == CLINICAL_KEYS
     assert set(metrics["hallucination"]) == HALLUCINATION_KEYS
@@ -88,7 +88,7 @@ def test_every_metric_key_and_the_wiring(tiny, tmp_path):
     vqa_metrics = evaluate.evaluate_model(tiny["model"], tiny["tokenizer"], questions, tiny["vqa_builder"], IMAGE,
                                           batch_size=2, max_new_tokens=5, num_beams=2, output_dir=tmp_path,
                                           name="vqa", log=None)
-    assert set(vqa_metrics) == {"n_samples", "vqa", "generation"} and set(vqa_metrics["vqa"]) == VQA_KEYS
+    assert set(vqa_metrics) == {"n_samples", "data", "vqa", "generation"} and set(vqa_metrics["vqa"]) == VQA_KEYS
     vqa_rows = [json.loads(line) for line in (tmp_path / "vqa.generations.jsonl").read_text().splitlines()]
     assert vqa_metrics["vqa"] == vqa_accuracy([r["generation"] for r in vqa_rows], [s.answer for s in questions],
                                               [s.answer_type for s in questions])
@@ -143,7 +143,7 @@ def test_bad_arguments_raise(tiny):
                                               "model.dtype=float32"])
     assert (options.limit, options.meteor, options.num_beams) == (None, False, 3)
     assert overrides == ["data.path=/d", "model.dtype=float32"]
-    assert evaluate.main(["checkpoint=/nonexistent/step-000001"]) == 2
+    assert evaluate.main(["checkpoint=/nonexistent/step-000001"]) == 3  # a checkpoint error (exit_codes.IO)
 
 
 def test_cli_loads_a_trainer_checkpoint(tmp_path, capsys, monkeypatch):
@@ -181,3 +181,24 @@ def test_cli_loads_a_trainer_checkpoint(tmp_path, capsys, monkeypatch):
     assert trained and any("lora_B" in k and v.abs().sum() > 0 for k, v in trained.items())
     for key, value in trained.items():
         torch.testing.assert_close(loaded[key], value, rtol=0, atol=0)
+
+
+def test_bad_samples_are_skipped_and_counted_only_when_asked(tiny, tmp_path):
+    import dataclasses
+    from mrgfast.data.errors import BadSampleError
+    from mrgfast.data.samples import SampleSet
+    bad_file = tmp_path / "bad.png"
+    bad_file.write_bytes(b"not a png")
+    good = tiny["samples"][:2]
+    samples = SampleSet(good + [dataclasses.replace(good[0], id="bad", image_paths=(str(bad_file),) * 2)],
+                        {"read": 4, "skipped_missing_image": 1})
+    kept, stats = evaluate.loadable_samples(samples, IMAGE, skip_bad_samples=True)
+    assert [s.id for s in kept] == [s.id for s in good]
+    assert stats == {"read": 4, "skipped_missing_image": 1, "skipped_corrupt_image": 1, "kept": 2}
+    assert len(evaluate.loadable_samples(samples, IMAGE, skip_bad_samples=False)[0]) == 3
+    metrics = evaluate.evaluate_model(tiny["model"], tiny["tokenizer"], samples, tiny["builder"], IMAGE,
+                                      max_new_tokens=2, meteor=False, log=None, skip_bad_samples=True)
+    assert metrics["n_samples"] == 2 and metrics["data"]["skipped_corrupt_image"] == 1
+    with pytest.raises(BadSampleError, match="cannot decode image"):
+        evaluate.evaluate_model(tiny["model"], tiny["tokenizer"], samples, tiny["builder"], IMAGE,
+                                max_new_tokens=2, meteor=False, log=None)

@@ -91,7 +91,7 @@ def test_built_pairs_read_back_through_the_preference_reader(tiny, tmp_path, mon
     out = tmp_path / "pairs.jsonl"
     counts = build_onpolicy_pairs(tiny["model"], tiny["tokenizer"], samples, tiny["builder"], IMAGE, out)
     assert counts == {"studies": len(samples), "drawn": 2 * len(samples), "drawn_with_hallucination": 1, "pairs": 1}
-    (pair,) = read_preference_jsonl(out)  # absolute image paths: the file reads from anywhere
+    (pair,) = read_preference_jsonl(out, allow_outside=True)  # absolute image paths: the file reads from anywhere
     assert (pair.id, pair.answer, pair.rejected) == (target.id, answers[target.id], wrong)
     assert list(pair.image_paths) == [str(p) for p in map(os.path.abspath, target.image_paths)]
     assert json.loads(out.read_text())["change"] == "hallucinated: Pleural Effusion, Right Pleural Effusion"
@@ -117,7 +117,18 @@ def test_no_hallucinated_draw_is_an_error_and_writes_nothing(tiny, tmp_path, mon
                                           (["checkpoint=x", "out=y", "temperature=hot"],
                                            "'temperature': expected a number, got 'hot'"),
                                           (["checkpoint=x", "out=y", "top_k=0.5"], "'top_k': expected an integer"),
-                                          (["checkpoint=/nonexistent/step-000001", "out=y"], "not a directory")])
+                                          # sampling options are checked before the checkpoint is looked at
+                                          (["checkpoint=x", "out=y", "temperature=0"], "temperature must be"),
+                                          (["checkpoint=x", "out=y", "top_p=1.5"], "top_p must be in (0, 1]"),
+                                          (["checkpoint=x", "out=y", "top_k=-1"], "top_k must be >= 0"),
+                                          (["checkpoint=x", "out=y", "max_new_tokens=0"], "max_new_tokens must be")])
 def test_cli_argument_errors(argv, message, capsys):
     assert onpolicy_pairs.main(argv) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1  # one line, no traceback
+
+
+def test_cli_names_a_missing_checkpoint_in_one_line(capsys):
+    assert onpolicy_pairs.main(["checkpoint=/nonexistent/step-000001", "out=y"]) == 3  # exit_codes.IO
+    assert capsys.readouterr().err == ("mrgfast.onpolicy_pairs: checkpoint=/nonexistent/step-000001: not a "
+                                       "directory\n")

@@ -36,6 +36,7 @@ def read_samples(config: TrainConfig, root: Optional[Path]):
         skip["clean"] = data.clean
     if data.dataset == "synthetic":
         return demo_samples(root, config.synthetic_part(), data.split, **skip)
+    skip["allow_outside"] = data.allow_outside_image_dir
     if data.dataset in ("iu_xray", "mimic_cxr"):
         return read_r2gen(data.path, split=data.split, dataset=data.dataset, image_dir=data.image_dir, **skip)
     if data.dataset == "vqa_rad":

@@ -10,6 +10,7 @@ from mrgfast.assemble.model import TEMPLATES, build_model, load_initial_weights
 from mrgfast.common.rng import seed_everything
 from mrgfast.config import RESOLVED_NAME, load_config
 from mrgfast.data import PromptBuilder, clean_report_iu_xray, clean_report_mimic_cxr
+from mrgfast.training.checkpoint import CheckpointError
 
 
 def prepare_eval(config, split: str = "test", checkpoint=None):
@@ -45,19 +46,20 @@ def metric_cleaning(config) -> Callable[[str], str]:
 
 
 def run_config(checkpoint: Path, overrides: Sequence[str]):
-    """The training config of the run that wrote `checkpoint` (its output_dir's config.yaml), with overrides."""
+    """The training config `checkpoint` was written with (its own config.yaml; for a checkpoint from before they
+    recorded it, its output_dir's), with overrides."""
     for directory in (checkpoint, checkpoint.parent):
         if (directory / RESOLVED_NAME).is_file():
             return load_config(directory / RESOLVED_NAME, overrides)
-    raise FileNotFoundError(f"no {RESOLVED_NAME} in {checkpoint} or {checkpoint.parent}: the checkpoint must sit in "
-                            "the output_dir of an mrgfast.train run")
+    raise CheckpointError(f"no {RESOLVED_NAME} in {checkpoint} or {checkpoint.parent}: the checkpoint must sit in "
+                          "the output_dir of an mrgfast.train run")
 
 
 def checkpoint_config(checkpoint, overrides: Sequence[str] = ()):
     """The config of the run that wrote the training checkpoint directory `checkpoint`, with overrides."""
     checkpoint = Path(checkpoint)
     if not checkpoint.is_dir():
-        raise FileNotFoundError(f"checkpoint={checkpoint}: not a directory")
+        raise CheckpointError(f"checkpoint={checkpoint}: not a directory")
     return run_config(checkpoint, list(overrides))
 
 

@@ -1,6 +1,7 @@
 """Atomic writes: a file or directory is built under a temp name beside its target, then renamed over it."""
 
 import os
+import re
 import shutil
 import uuid
 from contextlib import contextmanager
@@ -8,6 +9,43 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional, Union
 
 PathLike = Union[str, Path]
+# `.<target>.tmp-<pid>-<hex>` (being written) / `.<target>.old-<pid>-<hex>` (being removed): the pid of the process
+# that made it, so a later run removes only those whose owner is gone. Names without a pid predate it.
+TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<kind>tmp|old)-(?:(?P<pid>\d+)-)?[0-9a-f]+$")
+
+
+def temp_path(path: Path, kind: str) -> Path:
+    """A fresh hidden name beside `path` for a temp (`kind` 'tmp') or a directory being removed ('old'), owned by
+    this process."""
+    return path.parent / f".{path.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine (one we may not signal counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def orphaned_temp(name: str) -> bool:
+    """Whether `name` is a temp or old name (TEMP_NAME) whose owner process is gone (or was never recorded)."""
+    match = TEMP_NAME.match(name)
+    if match is None:
+        return False
+    pid = match.group("pid")
+    return pid is None or not pid_alive(int(pid))
+
+
+def remove_directory(directory: Path) -> None:
+    """Delete a directory by renaming it to an `old` name owned by this process first, so that a kill halfway leaves
+    a name the next run recognises and removes (orphaned_temp), never a partial directory under its own name."""
+    doomed = temp_path(directory, "old")
+    os.replace(directory, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 @contextmanager
@@ -20,7 +58,7 @@ def atomic_write(path: PathLike, *, directory: bool = False, mode: Optional[int]
         raise IsADirectoryError(f"cannot write {path}: it is a directory")
     path.parent.mkdir(parents=True, exist_ok=True)
     # A fresh unique name rather than mkstemp / mkdtemp, whose private 0600 / 0700 mode would survive the rename.
-    temp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
+    temp = temp_path(path, "tmp")
     if directory:
         temp.mkdir()
     try:
@@ -51,11 +89,11 @@ def atomic_write_text(path: PathLike, text: str, *, mode: Optional[int] = None, 
 
 
 def move_aside(directory: Path) -> Optional[Path]:
-    """Rename an existing `directory` to a hidden `.<name>.old-XXXXXXXX` beside it, returned (None when there is
+    """Rename an existing `directory` to a hidden `.<name>.old-<pid>-<hex>` beside it, returned (None when there is
     none): a rename cannot replace a non-empty directory."""
     if not directory.exists():
         return None
-    old = directory.with_name(f".{directory.name}.old-{uuid.uuid4().hex[:8]}")
+    old = temp_path(directory, "old")
     os.replace(directory, old)
     return old
 
@@ -90,7 +128,7 @@ def build_directory_once(path: PathLike, marker: str, build: Callable[[Path], ob
     if (path / marker).is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
+    temp = temp_path(path, "tmp")
     temp.mkdir()
     try:
         build(temp)

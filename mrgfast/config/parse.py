@@ -8,6 +8,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from mrgfast.common.exit_codes import CONFIG
+
 BASE_KEY = "base"
 NULL_WORDS = ("null", "none", "~")
 TRUE_WORDS = ("true", "yes", "on", "1")
@@ -16,6 +18,8 @@ FALSE_WORDS = ("false", "no", "off", "0")
 
 class ConfigError(ValueError):
     """A config key or value is wrong: the message names the key and what was expected."""
+
+    exit_code = CONFIG
 
 
 def describe_type(tp) -> str:
@@ -203,6 +207,30 @@ def build(cls, data: dict, prefix: str = ""):
         raise
     except ValueError as err:
         raise ConfigError(f"config section {prefix.rstrip('.') or 'top level'!r}: {err}") from err
+
+
+def is_config_key(cls, dotted: str) -> bool:
+    """Whether `dotted` names a key or a section of the config dataclass `cls` (e.g. 'optim.lr', 'schedule')."""
+    section = cls
+    for part in dotted.split("."):
+        if section is None or part not in section_types(section):
+            return False
+        tp = section_types(section)[part]
+        section = tp if dataclasses.is_dataclass(tp) else None
+    return True
+
+
+def suggest_key(cls, dotted: str) -> str:
+    """'; did you mean X?' for the closest valid name at the first part of `dotted` that is no key, or ''."""
+    parts, section = dotted.split("."), cls
+    for depth, part in enumerate(parts):
+        types = section_types(section)
+        if part not in types:
+            return suggest(part, types, ".".join(parts[:depth]) + "." if depth else "")
+        section = types[part]
+        if not dataclasses.is_dataclass(section):
+            return ""
+    return ""
 
 
 def set_dotted(data: dict, key: str, text: str, cls) -> None:

@@ -9,11 +9,13 @@ import yaml
 
 from mrgfast.common.files import atomic_write_text
 from mrgfast.config.cli import parse_command_line, split_key_value
-from mrgfast.config.parse import ConfigError, apply_mapping, build, read_yaml, set_dotted, to_plain
+from mrgfast.config.parse import (ConfigError, apply_mapping, build, is_config_key, read_yaml, set_dotted, suggest_key,
+                                  to_plain)
 from mrgfast.losses.dpo import check_dpo_args
 from mrgfast.peft.config import LoraConfig
 
-RESOLVED_NAME = "config.yaml"
+RESOLVED_NAME = "config.yaml"       # the first run's config in output_dir, and each checkpoint's own
+RESUMED_NAME = "config-resume-{step:06d}.yaml"  # the config of a run resumed from step-{step}, beside config.yaml
 
 
 def require(condition: bool, message: str) -> None:
@@ -97,6 +99,9 @@ class DataSection:
     num_workers: int = 0
     shuffle: bool = True
     skip_bad_samples: bool = False
+    # Annotation paths must stay inside the image directory (an absolute path or one climbing out with '..' is an
+    # error naming the entry); true: the dataset really points elsewhere, take its paths as written.
+    allow_outside_image_dir: bool = False
     # The synthetic twin (dataset: synthetic): generated once into cache_dir, keyed by its settings.
     cache_dir: str = ".cache/mrgfast"
     synthetic_n: int = 300
@@ -268,6 +273,29 @@ class TelemetrySection:
 
 
 @dataclass
+class GuardSection:
+    """What the run does when training goes wrong numerically (mrgfast.training.guards): checked on the device every
+    step, read where the loop reads values anyway (each log record and checkpoint)."""
+
+    # A step whose loss or gradient norm is NaN/inf never updates the weights. stop: the run then stops (exit code 4)
+    # at the next log or checkpoint; skip: it goes on, and stops only after more than max_consecutive_skips such
+    # steps in a row.
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_consecutive_skips: int = 10
+    # Divergence: a gradient norm of exactly 0 for zero_grad_steps steps in a row (0: off), or a trainable weight
+    # larger than max_abs_weight in magnitude (null: off). stop: the run stops (exit code 4); skip: a warning.
+    zero_grad_steps: int = 5
+    max_abs_weight: Optional[float] = 1.0e6
+
+    def __post_init__(self):
+        require(self.max_consecutive_skips >= 0,
+                f"max_consecutive_skips must be >= 0, got {self.max_consecutive_skips}")
+        require(self.zero_grad_steps >= 0, f"zero_grad_steps must be >= 0 (0: off), got {self.zero_grad_steps}")
+        require(self.max_abs_weight is None or self.max_abs_weight > 0,
+                f"max_abs_weight must be > 0 or null, got {self.max_abs_weight}")
+
+
+@dataclass
 class DistributedSection:
     """Data parallelism under torchrun: DDP or FSDP2 (fully_shard)."""
 
@@ -295,6 +323,10 @@ class TrainConfig:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     resume: str = "auto"                        # auto: latest checkpoint in output_dir if any; none; or a path
+    # A resumed run keeps what it trains with (model, adapters, data, optimizer, schedule, mode, seed: README "Exit
+    # codes and faults"); these dotted keys or sections may differ from the checkpoint's config anyway, e.g.
+    # [schedule.max_steps] to extend a run, [optim.lr].
+    resume_allow_changes: list[str] = field(default_factory=list)
     # SFT on CUDA: pad every batch to one static shape (mrgfast.data.static_batch) and capture forward + backward +
     # AdamW in one CUDA graph, replayed every step. Off by default (its GPU checks: tests/training/test_cuda_graph.py,
     # tests/train/test_loop.py); on CPU the step runs eagerly either way.
@@ -307,12 +339,16 @@ class TrainConfig:
     dpo: DPOSection = field(default_factory=DPOSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     telemetry: TelemetrySection = field(default_factory=TelemetrySection)
+    guard: GuardSection = field(default_factory=GuardSection)
     distributed: DistributedSection = field(default_factory=DistributedSection)
     eval: EvalSection = field(default_factory=EvalSection)
 
     def __post_init__(self):
         require(bool(self.output_dir), "output_dir must not be empty")
         require(bool(self.resume), "resume must be 'auto', 'none' or a checkpoint path")
+        for key in self.resume_allow_changes:
+            require(is_config_key(type(self), key),
+                    f"resume_allow_changes: {key!r} is no config key or section{suggest_key(type(self), key)}")
         require(not (self.cuda_graphs and self.model.vision_cache != "off"),
                 "cuda_graphs=true cannot use model.vision_cache: a captured graph would replay one batch's cache "
                 "lookups")
@@ -376,9 +412,13 @@ def config_to_dict(config: TrainConfig) -> dict:
     return to_plain(config)
 
 
-def save_resolved(config: TrainConfig, output_dir: Union[str, Path, None] = None) -> Path:
-    """Write the resolved config as `<output_dir>/config.yaml` (atomically); returns the file."""
+def config_text(config: TrainConfig) -> str:
+    """The resolved config as YAML text (what config.yaml holds)."""
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)
+
+
+def save_resolved(config: TrainConfig, output_dir: Union[str, Path, None] = None, name: str = RESOLVED_NAME) -> Path:
+    """Write the resolved config as `<output_dir>/<name>` (default config.yaml; atomically); returns the file."""
     directory = Path(output_dir if output_dir is not None else config.output_dir)
     directory.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(config_to_dict(config), sort_keys=False)
-    return atomic_write_text(directory / RESOLVED_NAME, text, mode=0o644)
+    return atomic_write_text(directory / name, config_text(config), mode=0o644)

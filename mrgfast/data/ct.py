@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Optional
 
 from mrgfast.data.errors import BadSampleError, DataFormatError
-from mrgfast.data.samples import Sample, SampleSet, collect_samples, prepare_text
+from mrgfast.data.samples import Sample, SampleSet, collect_samples, prepare_text, resolve_path
 from mrgfast.data.text import get_cleaner
 from mrgfast.data.volumes import VOLUME_SUFFIXES
 
@@ -22,7 +22,8 @@ CT_RATE_LABELS = (
 def read_ct_reports(reports_csv, volume_dir, labels_csv=None, label_names: Optional[tuple] = None,
                     volume_column: str = "VolumeName", report_columns: tuple = ("Findings_EN",),
                     instruction: str = DEFAULT_CT_INSTRUCTION, clean=None, max_words: Optional[int] = None,
-                    skip_bad_samples: bool = False, check_volumes: bool = True) -> SampleSet:
+                    skip_bad_samples: bool = False, check_volumes: bool = True,
+                    allow_outside: bool = False) -> SampleSet:
     """Read CT report rows into volume Samples, with multi-label targets from `labels_csv` when given.
 
     The report is the non-empty `report_columns` joined by a space. Volumes are looked up in volume_dir
@@ -51,7 +52,7 @@ def read_ct_reports(reports_csv, volume_dir, labels_csv=None, label_names: Optio
                 raise BadSampleError(f"{where} (id={volume_name}): no row for this volume in {labels_csv}",
                                      sample_id=volume_name, reason="missing_labels")
             labels = labels_by_volume[volume_name]
-        path = _find_volume(volume_dir, volume_name, index, check_volumes, where)
+        path = _find_volume(volume_dir, volume_name, index, check_volumes, where, allow_outside)
         return Sample(id=volume_name, task="report", prompt=instruction, answer=answer, image_paths=(path,),
                       modality="volume", labels=labels, source=where)
 
@@ -127,10 +128,11 @@ def _volume_index(volume_dir: Path) -> dict:
     return index
 
 
-def _find_volume(volume_dir: Path, name: str, index: dict, check: bool, where: str) -> str:
-    """The path of volume `name`: by exact file name, else by stem; missing raises naming the name."""
+def _find_volume(volume_dir: Path, name: str, index: dict, check: bool, where: str, allow_outside: bool) -> str:
+    """The path of volume `name`: by exact file name, else by stem, among the files under volume_dir; missing raises
+    naming the name. Unchecked, the name is joined to volume_dir and must stay inside it (samples.resolve_path)."""
     if not check:
-        return str(volume_dir / name)
+        return resolve_path(volume_dir, name, where, name, False, allow_outside)
     found = index.get(name) or index.get(_stem(name))
     if found is None:
         raise BadSampleError(f"{where} (id={name}): volume file not found under {volume_dir} "

@@ -12,11 +12,13 @@ PREFERENCE_FIELDS = ("id", "image or images", "prompt", "chosen", "rejected")
 
 
 def read_preference_jsonl(path, image_dir=None, clean=None, max_words: Optional[int] = None, task: str = "report",
-                          skip_bad_samples: bool = False, check_images: bool = True) -> SampleSet:
+                          skip_bad_samples: bool = False, check_images: bool = True,
+                          allow_outside: bool = False) -> SampleSet:
     """Read preference pairs; `answer` holds the chosen text, `rejected` the rejected one.
 
     Each line has "image" (one path) or "images" (a list), relative to image_dir (default: the file's
-    folder). clean and max_words apply to both answers; a pair whose chosen and rejected texts are
+    folder); absolute paths (as mrgfast.onpolicy_pairs writes them) or paths leaving image_dir need
+    `allow_outside`. clean and max_words apply to both answers; a pair whose chosen and rejected texts are
     identical after cleaning is an error (it carries no preference).
     """
     path = Path(path)
@@ -35,7 +37,8 @@ def read_preference_jsonl(path, image_dir=None, clean=None, max_words: Optional[
         if chosen == rejected:
             raise DataFormatError(f"{where} (id={sample_id}): 'chosen' and 'rejected' are the same text")
         return Sample(id=sample_id, task=task, prompt=prompt.strip(), answer=chosen, rejected=rejected,
-                      image_paths=tuple(resolve_path(image_dir, p, where, sample_id, check_images) for p in images),
+                      image_paths=tuple(resolve_path(image_dir, p, where, sample_id, check_images, allow_outside)
+                                        for p in images),
                       source=where)
 
     rows = ((f"{path} line {number}", entry) for number, entry in read_jsonl(path))

@@ -20,14 +20,15 @@ _DEFAULT = "default"
 
 def read_r2gen(annotation, split: str = "train", dataset: str = "iu_xray", image_dir=None, clean=_DEFAULT,
                max_words=_DEFAULT, instruction: str = DEFAULT_REPORT_INSTRUCTION, skip_bad_samples: bool = False,
-               check_images: bool = True) -> SampleSet:
+               check_images: bool = True, allow_outside: bool = False) -> SampleSet:
     """Read one split of an R2Gen annotation.json into report Samples.
 
     dataset: "iu_xray" (both views per entry) or "mimic_cxr" (first view). image_dir defaults to the
     folder `images/` beside the annotation file. clean: "default" (R2Gen's cleaner for the dataset),
     "iu_xray", "mimic_cxr", "pefomed", "none" or a callable. max_words: "default" (60 IU / 100 MIMIC,
     R2Gen's max_seq_length), an int or None; longer reports are cut and counted in `stats`.
-    An optional "labels" object per entry ({finding: 1/0/-1}) is passed through.
+    An optional "labels" object per entry ({finding: 1/0/-1}) is passed through. An image path outside image_dir
+    is an error unless `allow_outside` (samples.resolve_path).
     """
     if dataset not in R2GEN_VIEWS:
         raise ValueError(f"dataset must be one of {sorted(R2GEN_VIEWS)}, got {dataset!r}")
@@ -55,7 +56,8 @@ def read_r2gen(annotation, split: str = "train", dataset: str = "iu_xray", image
             raise DataFormatError(f"{where} (id={sample_id}): 'image_path' must list at least {views} path "
                                   f"string(s) for {dataset}, got {paths!r}")
         answer = prepare_text(report, cleaner, budget, stats, "report", where, sample_id)
-        images = tuple(resolve_path(image_dir, p, where, sample_id, check_images) for p in paths[:views])
+        images = tuple(resolve_path(image_dir, p, where, sample_id, check_images, allow_outside)
+                       for p in paths[:views])
         return Sample(id=sample_id, task="report", prompt=instruction, answer=answer, image_paths=images,
                       labels=read_labels(entry, where), split=split, source=where)
 
@@ -64,7 +66,8 @@ def read_r2gen(annotation, split: str = "train", dataset: str = "iu_xray", image
 
 def read_report_list(path, image_dir=None, clean="pefomed", max_words: Optional[int] = PEFOMED_MAX_WORDS,
                      instruction: str = DEFAULT_REPORT_INSTRUCTION, task: str = "report",
-                     skip_bad_samples: bool = False, check_images: bool = True) -> SampleSet:
+                     skip_bad_samples: bool = False, check_images: bool = True,
+                     allow_outside: bool = False) -> SampleSet:
     """Read a PeFoMed-style JSON list of {"image_path": str, "report": str} (optional "id") into Samples.
 
     Defaults follow PeFoMed: its text processing (lowercase, BLIP punctuation set) and 50 words.
@@ -83,7 +86,7 @@ def read_report_list(path, image_dir=None, clean="pefomed", max_words: Optional[
         report = get_field(entry, "report", str, where, fields)
         answer = prepare_text(report, cleaner, max_words, stats, "report", where, sample_id)
         return Sample(id=sample_id, task=task, prompt=instruction, answer=answer,
-                      image_paths=(resolve_path(image_dir, image, where, sample_id, check_images),),
+                      image_paths=(resolve_path(image_dir, image, where, sample_id, check_images, allow_outside),),
                       labels=read_labels(entry, where), source=where)
 
     return collect_samples(((f"{path}[{i}]", e) for i, e in enumerate(data)), build, skip_bad_samples)

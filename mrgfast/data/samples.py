@@ -5,7 +5,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from mrgfast.data.errors import BadSampleError
+from mrgfast.data.errors import BadSampleError, DataFormatError
 
 TASKS = ("report", "vqa", "caption")
 MODALITIES = ("image", "volume")
@@ -68,13 +68,36 @@ def prepare_text(text, clean: Optional[Callable[[str], str]], max_words: Optiona
     return cleaned
 
 
-def resolve_path(root, relative: str, where: str, sample_id: str, check: bool) -> str:
-    """`root / relative` as a string; if `check`, a missing file raises BadSampleError naming the path."""
-    path = os.path.join(str(root), relative) if root is not None else relative
+def resolve_path(root, relative: str, where: str, sample_id: str, check: bool, allow_outside: bool = False) -> str:
+    """`root / relative` (normalised) as a string; if `check`, a missing file raises BadSampleError naming the path.
+
+    A path that leaves `root` (absolute, or climbing out with '..') is a DataFormatError naming the entry unless
+    `allow_outside`: an annotation must not make a run read files outside its dataset (or tell, by the error, whether
+    such a file exists). The path is normalised as text ('..' resolved) and returned so, so what is checked is what
+    is opened; symlinks are not followed: links inside the image directory are the dataset owner's choice (e.g.
+    images linked from a shared store).
+    """
+    path = os.path.normpath(os.path.join(str(root), relative)) if root is not None else relative
+    if root is not None and not allow_outside and not inside(str(root), path):
+        raise DataFormatError(f"{where} (id={sample_id}): image path {relative!r} lies outside the image directory "
+                              f"{root}; set data.allow_outside_image_dir=true if the dataset really points elsewhere")
     if check and not os.path.isfile(path):
         raise BadSampleError(f"{where} (id={sample_id}): image file not found: {path}", sample_id=sample_id,
                              path=path, reason="missing_image")
     return path
+
+
+def inside(root: str, path: str) -> bool:
+    """Whether `path`, normalised ('..' and '.' resolved as text), lies inside the directory `root`."""
+    base = os.path.normpath(os.path.abspath(root))
+    return os.path.commonpath([base, os.path.normpath(os.path.abspath(path))]) == base
+
+
+def describe_stats(stats) -> str:
+    """Reader / dataset counts as one line: 'read 12, kept 10, skipped_missing_image 2, truncated_report 1'."""
+    first = [key for key in ("read", "kept") if key in stats]
+    rest = sorted(key for key in stats if key not in first and stats[key])
+    return ", ".join(f"{key} {stats[key]}" for key in first + rest) or "no counts"
 
 
 def collect_samples(entries, build: Callable, skip_bad_samples: bool) -> SampleSet:

@@ -14,29 +14,29 @@ SLAKE_FIELDS = ("qid", "img_name", "question", "answer", "answer_type", "q_lang"
 
 
 def read_vqa_rad(path, image_dir=None, clean_question=None, clean_answer=None, max_words: Optional[int] = None,
-                 skip_bad_samples: bool = False, check_images: bool = True) -> SampleSet:
+                 skip_bad_samples: bool = False, check_images: bool = True, allow_outside: bool = False) -> SampleSet:
     """Read a VQA-RAD JSON list (`qid`, `image_name`, `question`, `answer`, `answer_type` CLOSED|OPEN).
 
     image_dir defaults to the file's folder. Question and answer are kept as written unless a cleaner is
     given ("pefomed" or a callable); numeric answers become strings. max_words limits the answer.
     """
     return _read_vqa(path, image_dir, "image_name", VQA_RAD_FIELDS, None, clean_question, clean_answer,
-                     max_words, skip_bad_samples, check_images)
+                     max_words, skip_bad_samples, check_images, allow_outside)
 
 
 def read_slake(path, image_dir=None, language: str = "en", clean_question=None, clean_answer=None,
                max_words: Optional[int] = None, skip_bad_samples: bool = False,
-               check_images: bool = True) -> SampleSet:
+               check_images: bool = True, allow_outside: bool = False) -> SampleSet:
     """Read a SLAKE JSON list (`img_name`, `question`, `answer`, `answer_type`, `q_lang`), keeping `language`.
 
     Questions in other languages are dropped and counted as `stats["skipped_language"]`.
     """
     return _read_vqa(path, image_dir, "img_name", SLAKE_FIELDS, language, clean_question, clean_answer,
-                     max_words, skip_bad_samples, check_images)
+                     max_words, skip_bad_samples, check_images, allow_outside)
 
 
 def _read_vqa(path, image_dir, image_key: str, fields: tuple, language: Optional[str], clean_question,
-              clean_answer, max_words, skip_bad_samples: bool, check_images: bool) -> SampleSet:
+              clean_answer, max_words, skip_bad_samples: bool, check_images: bool, allow_outside: bool) -> SampleSet:
     """Shared VQA-RAD / SLAKE reader; `language` set means filter on `q_lang`."""
     path = Path(path)
     data = load_json_list(path, f"question entries with fields {list(fields)}")
@@ -59,6 +59,7 @@ def _read_vqa(path, image_dir, image_key: str, fields: tuple, language: Optional
         prompt = prepare_text(question, question_cleaner, None, stats, "question", where, sample_id)
         answer = prepare_text(str(answer), answer_cleaner, max_words, stats, "answer", where, sample_id)
         return Sample(id=sample_id, task="vqa", prompt=prompt, answer=answer, answer_type=answer_type,
-                      image_paths=(resolve_path(image_dir, image, where, sample_id, check_images),), source=where)
+                      image_paths=(resolve_path(image_dir, image, where, sample_id, check_images, allow_outside),),
+                      source=where)
 
     return collect_samples(((f"{path}[{i}]", e) for i, e in enumerate(data)), build, skip_bad_samples)

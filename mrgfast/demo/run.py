@@ -8,7 +8,6 @@ a trainable GroupedProjection over the frozen ViT's patch features, trained by `
 """
 
 import dataclasses
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -16,13 +15,16 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from mrgfast.assemble import build_all, metric_cleaning, prepare_eval
+from mrgfast.common.program import run_program
 from mrgfast.config import load_config, parse_command_line
 from mrgfast.data.packing import PackedBatchSampler
 from mrgfast.demo.base_models import FAST_SETTINGS, BaseModels, BaseModelSettings, prepare_base_models
 from mrgfast.evaluate import evaluate_model, summary_table
 from mrgfast.losses.dpo_inputs import dpo_sequence_logps
 from mrgfast.metrics import write_eval_json
-from mrgfast.train import train
+from mrgfast.train import TrainResult, train
+from mrgfast.training.checkpoint import remove_checkpoints
+from mrgfast.training.guards import StoppedBySignal
 from mrgfast.training.steps import prepare, save_reference_logps
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
@@ -130,7 +132,8 @@ def evaluate_stage(config, options: DemoOptions, checkpoint, name: str, output_d
     beams = options.num_beams if num_beams is None else num_beams
     return evaluate_model(model, tokenizer, samples, builder, image_config, num_beams=beams,
                           max_new_tokens=options.max_new_tokens, meteor=options.meteor,
-                          clean=metric_cleaning(config), output_dir=output_dir, name=name)
+                          clean=metric_cleaning(config), output_dir=output_dir, name=name,
+                          skip_bad_samples=config.data.skip_bad_samples)
 
 
 def run_demo(options: DemoOptions, settings: Optional[BaseModelSettings] = None) -> dict:
@@ -146,7 +149,7 @@ def run_demo(options: DemoOptions, settings: Optional[BaseModelSettings] = None)
     sft_config = stage_config(base, options, "sft", out / "sft")
     mark = time.perf_counter()
     results = {"untrained": evaluate_stage(sft_config, options, None, "untrained", out)}
-    sft = train(sft_config)
+    sft = train_stage(sft_config)
     timings["sft_s"] = time.perf_counter() - mark
     print(f"[demo] SFT: {sft.step} steps, last logged {fmt(sft.metrics)} -> {sft.checkpoint}")
     results["sft"] = evaluate_stage(sft_config, options, sft.checkpoint, "sft", out)
@@ -154,7 +157,7 @@ def run_demo(options: DemoOptions, settings: Optional[BaseModelSettings] = None)
     mark = time.perf_counter()
     dpo_config = stage_config(base, options, "dpo", out / "dpo", init_from=sft.checkpoint)
     sft_reference_logps(dpo_config)
-    dpo = train(dpo_config)
+    dpo = train_stage(dpo_config)
     print(f"[demo] DPO: {dpo.step} steps, last logged {fmt(dpo.metrics)} -> {dpo.checkpoint}")
     results["dpo"] = evaluate_stage(dpo_config, options, dpo.checkpoint, "dpo", out)
     timings["dpo_s"] = time.perf_counter() - mark
@@ -179,6 +182,21 @@ def run_demo(options: DemoOptions, settings: Optional[BaseModelSettings] = None)
     return summary
 
 
+def train_stage(config) -> TrainResult:
+    """Train one stage afresh (resume=none: an earlier demo's checkpoints in its directory are removed first);
+    StoppedBySignal when a signal stopped it, so no later stage runs on an unfinished model."""
+    if config.resume == "none":
+        remove_checkpoints(config.output_dir)
+    return finished(train(config))
+
+
+def finished(result: TrainResult) -> TrainResult:
+    """`result`, unless its run stopped early on a signal: then StoppedBySignal (the program exits 128 + signal)."""
+    if result.stop_signal is not None:
+        raise StoppedBySignal(result.stop_signal, result.step, result.checkpoint)
+    return result
+
+
 def fmt(metrics: dict) -> str:
     """A short text of a few logged training metrics."""
     keys = ("loss", "rewards/accuracies", "rewards/margins", "tokens_per_s")
@@ -191,12 +209,10 @@ def main(argv=None) -> int:
 
 
 def command_line(argv, program: str, action: Callable[[DemoOptions], object]) -> int:
-    """Parse `demo.<key>=value` arguments (sys.argv by default) and run `action` on them; 2 on a bad argument."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        options = parse_options(argv)
-    except ValueError as err:
-        print(f"{program}: {err}", file=sys.stderr)
-        return 2
-    action(options)
-    return 0
+    """Parse `demo.<key>=value` arguments (sys.argv by default) and run `action` on them, through the programs'
+    one error wrapper (mrgfast.common.program: one line and the exit code, e.g. 2 on a bad argument)."""
+    def run(arguments: list) -> int:
+        action(parse_options(arguments))
+        return 0
+
+    return run_program(program.removeprefix("mrgfast."), run, argv)

@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 import torch
 
 from mrgfast.demo.base_models import FAST_SETTINGS, BaseModelSettings, prepare_base_models
-from mrgfast.demo.run import DemoOptions, command_line, evaluate_stage, sft_reference_logps, stage_config
+from mrgfast.demo.run import DemoOptions, command_line, evaluate_stage, finished, sft_reference_logps, stage_config
 from mrgfast.metrics import write_eval_json
 from mrgfast.train import train
 
@@ -95,7 +95,7 @@ def run_selection(options: DemoOptions, grid: Optional[Grid] = None,
         # resume=auto: a run finished by an earlier sweep into the same directory is reused, not retrained.
         config = stage_config(base, dataclasses.replace(options, sft_steps=steps), "sft", out / f"sft-{steps}",
                               resume="auto")
-        checkpoint = train(config).checkpoint
+        checkpoint = finished(train(config)).checkpoint
         for beams in grid.beams:
             metrics = evaluate_stage(config, options, checkpoint, f"sft-{steps}-beam{beams}", out, SPLIT, beams)
             sft_runs.append({"sft_steps": steps, "num_beams": beams, "checkpoint": str(checkpoint),
@@ -111,7 +111,7 @@ def run_selection(options: DemoOptions, grid: Optional[Grid] = None,
         name = dpo_run_name(sft["sft_steps"], steps, lr, beta, alpha)
         config = stage_config(base, candidate, "dpo", out / name, init_from=sft["checkpoint"], resume="auto")
         sft_reference_logps(config)
-        checkpoint = train(config).checkpoint
+        checkpoint = finished(train(config)).checkpoint
         metrics = evaluate_stage(config, candidate, checkpoint, name, out, SPLIT)
         dpo_runs.append({"dpo_steps": steps, "dpo_lr": lr, "dpo_beta": beta, "rpo_alpha": alpha,
                          "checkpoint": str(checkpoint), "metrics": metrics})

@@ -51,8 +51,9 @@ def find_lora_targets(model: nn.Module, config: LoraConfig) -> list[str]:
 
 
 def apply_lora(model: nn.Module, config: LoraConfig, adapter_dtype: Optional[torch.dtype] = None) -> nn.Module:
-    """Replace the nn.Linear modules `config` targets with LoRALinear in place; only adapter weights (plus
-    modules_to_save and the biases `config.bias` names) stay trainable. Returns `model`."""
+    """Replace the nn.Linear modules `config` targets with LoRALinear in place, each in the train/eval mode of the
+    layer it replaces; only adapter weights (plus modules_to_save and the biases `config.bias` names) stay
+    trainable. Returns `model`."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"apply_lora needs a torch nn.Module, got {type(model).__name__}")
     if not isinstance(config, LoraConfig):
@@ -69,9 +70,12 @@ def apply_lora(model: nn.Module, config: LoraConfig, adapter_dtype: Optional[tor
     for path in lora_paths:
         parent_path, _, child = path.rpartition(".")
         parent = model.get_submodule(parent_path)
-        layer = LoRALinear(getattr(parent, child), r=config.r, lora_alpha=config.lora_alpha,
-                           lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
-                           adapter_dtype=adapter_dtype)
+        original = getattr(parent, child)
+        layer = LoRALinear(original, r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                           use_rslora=config.use_rslora, adapter_dtype=adapter_dtype)
+        # A new module starts in train mode; it takes the mode of the layer it replaces, so an eval-mode model
+        # (load_adapter into it, as PEFT's from_pretrained gives) gets no LoRA dropout until .train() is called.
+        layer.train(original.training)
         setattr(parent, child, layer)
     set_lora_state(model, LoraState(dataclasses.replace(config), lora_paths, saved_paths, requires_grad_before))
     mark_trainable(model)

@@ -6,14 +6,16 @@ The one place that imports both: the loop (mrgfast.train) knows nothing of the d
 import sys
 
 from mrgfast import demo
+from mrgfast.common.program import DEBUG_FLAG
 from mrgfast.train import cli
 
 
 def main(argv=None) -> int:
-    """No arguments: the embedded demo; else `config=...` and `key=value` overrides for the training CLI."""
+    """No arguments (or only --debug): the embedded demo; else `config=...` and `key=value` overrides for the
+    training CLI."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv:
-        return demo.main([]) or 0
+    if not [arg for arg in argv if arg != DEBUG_FLAG]:
+        return demo.main(argv) or 0
     return cli.main(argv)
 
 

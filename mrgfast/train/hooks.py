@@ -6,19 +6,28 @@ from typing import Optional
 
 from torch import nn
 
+from mrgfast.common.names import few
 from mrgfast.common.rng import capture_rng_state
 from mrgfast.train.periodic_eval import PeriodicEval, eval_due
 from mrgfast.train.setup import RunState
+from mrgfast.train.step import check_guard
 from mrgfast.training.checkpoint import ADAPTER_SUFFIX, MODULES_GROUP, adapter_writer, save_checkpoint
-from mrgfast.training.distributed import barrier, gather_objects
+from mrgfast.training.distributed import any_rank, barrier, gather_objects
 from mrgfast.training.fsdp import adapter_tensors, gather_full_state
+from mrgfast.training.guards import NonFiniteError, nonfinite_names, trainable_state
 
 
 def save(state: RunState) -> Path:
-    """Save the state after step `state.step` (rank 0 writes) after checking that no loss since the last check was
-    NaN/inf; returns the checkpoint directory."""
-    state.guard.check()
+    """Save the state after step `state.step` (rank 0 writes) after the guard's checks and a check that every
+    trainable weight and optimizer state is finite (a poisoned checkpoint is never written); returns the checkpoint
+    directory."""
+    check_guard(state)
     config, ctx, core, optimizer = state.config, state.ctx, state.core, state.pieces.optimizer
+    named = [(name, p) for name, p in core.named_parameters() if p.requires_grad]
+    bad = nonfinite_names(trainable_state(named, optimizer))
+    if any_rank(ctx, bool(bad)):
+        raise NonFiniteError(f"not saving step {state.step}: non-finite values in "
+                             f"{few(bad) if bad else 'the shards of another rank'}; the run stops without saving")
     rng = gather_objects(ctx, capture_rng_state())
     full = gather_full_state(core, optimizer) if state.sharded else None  # collective: every rank takes part
     path = None
@@ -28,7 +37,7 @@ def save(state: RunState) -> Path:
         path = save_checkpoint(state.out_dir, state.step, tensors={MODULES_GROUP: modules},
                                optimizer_state=optimizer_state, scheduler=state.pieces.schedule,
                                sampler={"consumed": state.consumed}, rng_states=rng, writers=writers,
-                               keep_last=config.checkpoint.keep_last)
+                               keep_last=config.checkpoint.keep_last, files=state.checkpoint_files)
     barrier(ctx)
     return path or state.out_dir / f"step-{state.step:06d}"
 
@@ -52,9 +61,9 @@ class Evaluations:
     def __init__(self, state: RunState):
         config, ctx = state.config, state.ctx
         self.state, self.records = state, []
-        resume_step = state.step if state.resumed_from is not None else None
-        # Its samples are read now, so a bad eval.split fails before the first step.
-        self.evaluator: Optional[PeriodicEval] = (PeriodicEval(config, state.out_dir, resume_step)
+        # Its samples are read now, so a bad eval.split fails before the first step. Lines logged after the step the
+        # run starts from go (a fresh run: all of them).
+        self.evaluator: Optional[PeriodicEval] = (PeriodicEval(config, state.out_dir, state.step)
                                                   if config.eval.enabled and ctx.is_main else None)
 
     def due(self) -> bool:

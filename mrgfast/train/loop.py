@@ -1,5 +1,6 @@
-"""The training loop: config -> process group -> set_up (pieces, resume) -> steps with logging, evaluation,
-checkpoints and SIGTERM handling -> TrainResult. `python -m mrgfast.train` runs it from the command line."""
+"""The training loop: config -> process group -> the output_dir's lock -> set_up (pieces, resume) -> steps with
+logging, evaluation, checkpoints and SIGTERM handling -> TrainResult. `python -m mrgfast.train` runs it from the
+command line."""
 
 import sys
 from dataclasses import dataclass, field
@@ -14,12 +15,14 @@ from mrgfast.train.setup import set_up
 from mrgfast.train.step import log_step, take_step
 from mrgfast.training.distributed import any_rank, init_distributed, teardown
 from mrgfast.training.guards import GracefulStop
+from mrgfast.training.run_lock import output_dir_lock
 
 
 @dataclass
 class TrainResult:
     """What a run leaves: where, its last checkpoint, the last logged metrics, every logged record, the model, and
-    the headline metrics of each evaluation during training (main process). An FSDP2 model keeps the process group's
+    the headline metrics of each evaluation during training (main process); `stop_signal` names the signal a run
+    stopped early on (after saving), `start_step` the step it resumed from. An FSDP2 model keeps the process group's
     threads running until the result is dropped and garbage-collected (`gc.collect()`), as main() does."""
 
     output_dir: Path
@@ -30,13 +33,17 @@ class TrainResult:
     stopped_early: bool = False
     history: list = field(default_factory=list)
     evaluations: list = field(default_factory=list)
+    stop_signal: Optional[str] = None
+    start_step: int = 0
 
 
 def train(config: TrainConfig, on_step: Optional[Callable[[int, dict], None]] = None) -> TrainResult:
-    """Run `config` to schedule.max_steps (resuming when asked); `on_step(step, outputs)` is called after each step."""
+    """Run `config` to schedule.max_steps (resuming when asked), holding `<output_dir>/.lock` throughout (another run
+    there fails at once); `on_step(step, outputs)` is called after each step."""
     ctx = init_distributed(config.device, config.distributed.backend, config.distributed.timeout_s)
     try:
-        return run(config, ctx, on_step)
+        with output_dir_lock(config.output_dir, ctx):
+            return run(config, ctx, on_step)
     finally:
         teardown(ctx)
 
@@ -45,8 +52,8 @@ def run(config: TrainConfig, ctx, on_step) -> TrainResult:
     """train() inside the process group."""
     state = set_up(config, ctx)
     evaluations = Evaluations(state)
-    history, metrics, last_ckpt, stopped = [], {}, state.resumed_from, False
-    saved_at = state.step if state.resumed_from is not None else None
+    history, metrics, last_ckpt, stopped = [], {}, state.resumed_from, None
+    start_step = saved_at = state.step if state.resumed_from is not None else None
     try:
         with GracefulStop() as stop:
             while state.step < config.schedule.max_steps:
@@ -61,14 +68,14 @@ def run(config: TrainConfig, ctx, on_step) -> TrainResult:
                 if state.step % config.checkpoint.every_steps == 0:
                     last_ckpt, saved_at = save(state), state.step
                 if any_rank(ctx, stop.requested):
-                    print(f"mrgfast.train: {stop.reason() or 'stop'} received at step {state.step}: saving and "
-                          "exiting", file=sys.stderr)
-                    stopped = True
+                    stopped = stop.reason() or "SIGTERM"  # another rank's signal
+                    print(f"mrgfast.train: {stopped} received at step {state.step}: saving and exiting",
+                          file=sys.stderr)
                     break
             if (stopped or config.checkpoint.save_at_end) and saved_at != state.step:
                 last_ckpt = save(state)
     finally:
         state.telemetry.close()
         evaluations.close()
-    return TrainResult(state.out_dir, last_ckpt, metrics, state.core, state.step, stopped, history,
-                       evaluations.records)
+    return TrainResult(state.out_dir, last_ckpt, metrics, state.core, state.step, stopped is not None, history,
+                       evaluations.records, stopped, start_step or 0)

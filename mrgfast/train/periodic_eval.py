@@ -47,6 +47,7 @@ class PeriodicEval:
 
     def __init__(self, config: TrainConfig, output_dir: Path, resume_step: Optional[int] = None):
         self.section = config.eval
+        self.skip_bad_samples = config.data.skip_bad_samples
         self.output_dir = Path(output_dir)
         self.samples = eval_samples(config)
         self.clean = metric_cleaning(config)
@@ -64,7 +65,7 @@ class PeriodicEval:
                                      batch_size=self.section.batch_size, num_beams=self.section.num_beams,
                                      max_new_tokens=self.section.max_new_tokens, meteor=self.section.meteor,
                                      clean=self.clean, output_dir=self.output_dir, name=f"eval-step-{step:06d}",
-                                     log=None)
+                                     log=None, skip_bad_samples=self.skip_bad_samples)
         finally:
             restore_rng_state(state, "the state before evaluation")
         flat = flatten_metrics(metrics)

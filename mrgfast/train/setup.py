@@ -1,7 +1,9 @@
-"""Setting a run up inside its process group: the built pieces, the step's settings, DPO's reference log-probs,
-the resumed state and the loader positioned where the run stopped, telemetry and the NaN guard."""
+"""Setting a run up inside its process group: the checkpoint it continues (train.resume), the built pieces, the
+step's settings, DPO's reference log-probs, the resumed state and the loader positioned where the run stopped,
+telemetry and the NaN guard."""
 
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -10,16 +12,18 @@ from torch import nn
 
 from mrgfast.assemble import Pieces, build_all, build_loader
 from mrgfast.common.rng import restore_rank_rng_state, seed_everything
-from mrgfast.config import TrainConfig, save_resolved
+from mrgfast.config import RESOLVED_NAME, TrainConfig, config_text
 from mrgfast.data.packing import PackedBatchSampler
+from mrgfast.data.samples import describe_stats
 from mrgfast.data.static_batch import StaticShape
 from mrgfast.peft import load_adapter
-from mrgfast.training.checkpoint import (ADAPTER_SUFFIX, MODULES_GROUP, load_optimizer_state, read_checkpoint,
-                                         resolve_resume)
+from mrgfast.train.resume import open_run
+from mrgfast.training.checkpoint import ADAPTER_SUFFIX, MODULES_GROUP, load_optimizer_state
 from mrgfast.training.cuda_graph import StepRunner
 from mrgfast.training.distributed import DistContext, barrier, wrap_model
 from mrgfast.training.fsdp import read_adapter_by_name, scatter_full_state, shard_model
 from mrgfast.training.guards import NonFiniteGuard
+from mrgfast.training.optim import hyperparameters, keep_hyperparameters
 from mrgfast.training.steps import (StepSettings, load_reference_logps, precompute_reference_logps,
                                     save_reference_logps, train_step)
 from mrgfast.training.telemetry import Telemetry
@@ -47,6 +51,8 @@ class RunState:
     static_shape: Optional[StaticShape] = None   # CUDA graphs: every batch padded to one shape
     ref_logps: Optional[dict] = None  # DPO with dpo.reference=precomputed: {pair id: [chosen, rejected]}
     ref_path: Optional[Path] = None
+    checkpoint_files: dict = field(default_factory=dict)  # written into every checkpoint (its config.yaml)
+    next_log: dict = field(default_factory=dict)          # added to the next logged record (the data counts)
 
     @property
     def core(self) -> nn.Module:
@@ -57,14 +63,17 @@ class RunState:
 def set_up(config: TrainConfig, ctx: DistContext) -> RunState:
     """Build the run of `config`, resume it when asked, and return the state the first step starts from."""
     out_dir, device = Path(config.output_dir), ctx.device
-    if ctx.is_main:
-        save_resolved(config, out_dir)
+    ckpt = open_run(config, ctx, out_dir)
     seed_everything(config.seed)
     fsdp = config.distributed.strategy == "fsdp" and ctx.distributed
     sharded = fsdp and config.distributed.shard_trainable
     pieces = build_all(config, device, lambda m: shard_model(m, ctx, sharded) if fsdp else wrap_model(m, ctx, "ddp"))
     core = pieces.model
     core.train()
+    data_stats = dict(pieces.dataset.stats)
+    if ctx.is_main:
+        print(f"mrgfast.train: data {config.data.path or 'synthetic twin'} ({config.data.split}): "
+              f"{describe_stats(data_stats)}", file=sys.stderr)
     params = [p for p in core.parameters() if p.requires_grad]
     bf16 = device.type == "cuda" and config.model.dtype in ("auto", "bfloat16")
     settings = StepSettings(config.mode, ctx.world_size, config.optim.max_grad_norm, config.dpo.beta,
@@ -76,10 +85,8 @@ def set_up(config: TrainConfig, ctx: DistContext) -> RunState:
         ref_path = Path(config.dpo.reference_logps_path or out_dir / "reference_logps.safetensors")
         ref_logps = reference_logps(pieces, config, ctx, ref_path, settings.autocast_dtype)
 
-    # Resume: read the checkpoint, start the data where it stopped, then restore state (RNG last, so the
-    # DataLoader's own draw at iterator creation happens exactly as in an uninterrupted run).
-    resume = resolve_resume(config.resume, out_dir)
-    ckpt = read_checkpoint(resume) if resume is not None else None
+    # Resume: start the data where the checkpoint stopped, then restore state (RNG last, so the DataLoader's own
+    # draw at iterator creation happens exactly as in an uninterrupted run).
     step = ckpt.step if ckpt else 0
     consumed = ckpt.sampler["consumed"] if ckpt else 0
     batches = iter(build_loader(pieces, config, ctx.rank, ctx.world_size, consumed))
@@ -98,13 +105,20 @@ def set_up(config: TrainConfig, ctx: DistContext) -> RunState:
     runner = StepRunner(lambda micros: train_step(pieces.wrapped, pieces.optimizer, micros, settings, params,
                                                   static_grads=static_shapes),
                         device, enabled=config.cuda_graphs)
-    return RunState(config, ctx, out_dir, pieces, params, settings, runner, telemetry, NonFiniteGuard(device),
-                    batches, step, consumed, resume if ckpt else None, sharded, static_shape, ref_logps, ref_path)
+    g = config.guard
+    guard = NonFiniteGuard(device, skip=g.on_nonfinite == "skip", max_consecutive_skips=g.max_consecutive_skips,
+                           zero_grad_steps=g.zero_grad_steps, max_abs_weight=g.max_abs_weight)
+    return RunState(config, ctx, out_dir, pieces, params, settings, runner, telemetry, guard, batches, step, consumed,
+                    ckpt.path if ckpt else None, sharded, static_shape, ref_logps, ref_path,
+                    checkpoint_files={RESOLVED_NAME: config_text(config)}, next_log={"data": data_stats})
 
 
 def restore(core: nn.Module, optimizer, schedule, ckpt, rank: int, sharded: bool = False) -> None:
-    """Put a checkpoint's weights, optimizer, schedule and this rank's RNG state back (`sharded`: into the
-    FSDP2 shards of the trainables, a collective on every rank)."""
+    """Put a checkpoint's weights, optimizer state, schedule position and this rank's RNG state back (`sharded`:
+    into the FSDP2 shards of the trainables, a collective on every rank). The optimizer's hyperparameters and the
+    schedule's settings stay the run's own (its config, compared with the checkpoint's by train.resume), so an
+    allowed change of optim.lr or schedule.max_steps takes effect."""
+    settings = hyperparameters(optimizer)
     adapter_dir = ckpt.path / ADAPTER_SUFFIX
     if sharded:
         weights = dict(ckpt.tensors.get(MODULES_GROUP, {}))
@@ -116,7 +130,8 @@ def restore(core: nn.Module, optimizer, schedule, ckpt, rank: int, sharded: bool
             load_adapter(core.decoder, adapter_dir)
         core.load_trainable_state_dict(ckpt.tensors.get(MODULES_GROUP, {}))
         load_optimizer_state(optimizer, ckpt.optimizer, ckpt.path)
-    schedule.load_state_dict(ckpt.scheduler)
+    keep_hyperparameters(optimizer, settings)
+    schedule.continue_from(ckpt.scheduler)
     restore_rank_rng_state(ckpt.rng_states, rank, ckpt.path)
 
 

@@ -1,11 +1,13 @@
 """One optimizer step of the loop: the host side (micro-batches, global normalisers), the (graph-captured) device
-step, the schedule and the NaN watch; and the logged record of a step."""
+step, the schedule and the NaN watch; the guard's checks where the loop reads values anyway; and the logged record of
+a step."""
 
 import torch
 from torch import nn
 
 from mrgfast.train.setup import RunState
-from mrgfast.training.distributed import all_reduce_sum
+from mrgfast.training.distributed import all_reduce_max, all_reduce_sum
+from mrgfast.training.guards import max_abs
 from mrgfast.training.steps import MicroBatch, batch_reference_logps, pair_count, prepare, supervised_tokens
 from mrgfast.training.telemetry import Telemetry
 
@@ -31,15 +33,29 @@ def take_step(state: RunState) -> tuple:
     state.step += 1
     state.consumed += config.optim.grad_accum_steps * ctx.world_size
     state.pieces.schedule.step()
-    state.guard.observe(outputs["loss"], state.step, ids)
+    state.guard.observe(outputs["loss"], state.step, ids, outputs["grad_norm"])
     state.telemetry.step_done(tokens)
     return outputs, lr
 
 
+def check_guard(state: RunState) -> int:
+    """The guard's checks on what the steps since the last check saw and on the weights now (raises to stop the
+    run); returns the steps skipped so far."""
+    skipped = state.guard.check()
+    largest = all_reduce_max(state.ctx, max_abs(state.params, state.ctx.device))
+    state.guard.check_weights(float(largest), state.step)
+    return skipped
+
+
 def log_step(state: RunState, outputs: dict, lr: float) -> dict:
-    """Check the losses since the last log were finite, then write the step's record (summed over ranks)."""
-    state.guard.check()
-    return log_metrics(state.ctx, state.telemetry, state.step, outputs, lr, state.runner, cache_stats(state.core))
+    """Check the steps since the last log (check_guard), then write the step's record (summed over ranks)."""
+    skipped = check_guard(state)
+    extra = cache_stats(state.core)
+    if state.guard.skip:
+        extra["skipped_steps"] = skipped
+    extra.update(state.next_log)
+    state.next_log = {}
+    return log_metrics(state.ctx, state.telemetry, state.step, outputs, lr, state.runner, extra)
 
 
 def cache_stats(core: nn.Module) -> dict:

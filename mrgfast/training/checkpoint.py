@@ -1,9 +1,11 @@
-"""Atomic training checkpoints (`<output_dir>/step-XXXXXX/`): weights, optimizer, scheduler, RNG, sampler state."""
+"""Atomic training checkpoints (`<output_dir>/step-XXXXXX/`): weights, optimizer, scheduler, RNG, sampler state; the
+checkpoint a run resumes from (the newest that verifies) and the leftovers of interrupted saves and prunes."""
 
 import hashlib
 import json
 import re
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -11,13 +13,14 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from mrgfast.common.files import atomic_write
+from mrgfast.common.exit_codes import IO
+from mrgfast.common.files import atomic_write, orphaned_temp, remove_directory
 from mrgfast.common.rng import capture_rng_state, restore_rank_rng_state
 from mrgfast.peft.adapter_io import save_adapter
 from mrgfast.training.state_io import load_tensors, read_state, save_tensors, write_state
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
-TEMP_DIR = re.compile(r"^\.step-\d+\.(tmp|old)-")
+TEMP_DIR = re.compile(r"^\.step-\d+\.(tmp|old)-")   # a save being written or a checkpoint being removed
 MANIFEST = "manifest.json"
 ADAPTER_SUFFIX = "adapter"      # checkpoint sub-directory holding the PEFT-format adapter
 MODULES_GROUP = "modules"       # checkpoint tensor group: trainable weights other than LoRA (projector, prompts, ...)
@@ -25,6 +28,14 @@ STATE_NAME = "trainer_state"
 FORMAT_VERSION = 1
 
 PathLike = Union[str, Path]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete, corrupt or does not fit the run: the message names the file."""
+
+    exit_code = IO
+
+
 # A writer puts extra files into the directory it is given (e.g. the PEFT adapter via save_adapter).
 Writer = Callable[[Path], Any]
 
@@ -51,7 +62,8 @@ def step_dir_name(step: int) -> str:
 def save_checkpoint(output_dir: PathLike, step: int, *, tensors: Optional[dict[str, dict[str, Tensor]]] = None,
                     optimizer: Optional[torch.optim.Optimizer] = None, scheduler: Any = None, sampler: Any = None,
                     extra: Any = None, rng_states: Optional[list] = None, writers: Optional[dict[str, Writer]] = None,
-                    keep_last: int = 2, optimizer_state: Optional[dict] = None) -> Path:
+                    keep_last: int = 2, optimizer_state: Optional[dict] = None,
+                    files: Optional[dict[str, str]] = None) -> Path:
     """Write the checkpoint of `step` atomically and keep the newest `keep_last`; returns its directory.
 
     `tensors` maps a group name to named tensors, each group one `<name>.safetensors` (e.g. the projector);
@@ -59,8 +71,10 @@ def save_checkpoint(output_dir: PathLike, step: int, *, tensors: Optional[dict[s
     `optimizer_state` is an optimizer's state_dict() taken already (e.g. gathered from FSDP2 shards by
     mrgfast.training.fsdp.gather_full_state), given instead of `optimizer`;
     `rng_states` is one capture_rng_state() per rank (default: this process's); `sampler`/`extra` are
-    plain values (numbers, strings, lists, dicts, tensors). Everything goes to a temporary directory that
-    is renamed into place only when complete, so an interrupted save never damages an older checkpoint.
+    plain values (numbers, strings, lists, dicts, tensors); `files` maps a file name to text written beside them
+    (e.g. the run's config.yaml). Everything goes to a temporary directory that is renamed into place only when
+    complete, so an interrupted save never damages an older checkpoint. A failed write raises OSError naming the
+    checkpoint.
     """
     if not isinstance(step, int) or step < 0:
         raise ValueError(f"save_checkpoint: step must be a non-negative int, got {step!r}")
@@ -74,17 +88,24 @@ def save_checkpoint(output_dir: PathLike, step: int, *, tensors: Optional[dict[s
     root.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(root)
     final = root / step_dir_name(step)
-    # Filled under `.step-XXXXXX.tmp-...`, which remove_stale_temps knows; readable like other outputs (0o755).
-    with atomic_write(final, directory=True, mode=0o755, fsync=True) as temp:
-        write_contents(temp, step, tensors or {}, optimizer_state, scheduler, sampler, extra,
-                       rng_states if rng_states is not None else [capture_rng_state()], writers or {})
+    try:
+        # Filled under `.step-XXXXXX.tmp-<pid>-...`, which remove_stale_temps knows; readable like other outputs.
+        with atomic_write(final, directory=True, mode=0o755, fsync=True) as temp:
+            write_contents(temp, step, tensors or {}, optimizer_state, scheduler, sampler, extra,
+                           rng_states if rng_states is not None else [capture_rng_state()], writers or {},
+                           files or {})
+    except OSError as err:  # a full disk's error names no file: name the checkpoint
+        raise OSError(err.errno, f"cannot write the checkpoint ({err.strerror or err})", str(final)) from err
     prune(root, keep_last, keep=final)
     return final
 
 
 def write_contents(directory: Path, step: int, tensors: dict, optimizer_state, scheduler, sampler, extra,
-                   rng_states: list, writers: dict[str, Writer]) -> None:
+                   rng_states: list, writers: dict[str, Writer], files: dict[str, str]) -> None:
     """Fill a (temporary) checkpoint directory, manifest last."""
+    for name, text in files.items():
+        check_name("file", name)
+        (directory / name).write_text(text, encoding="utf-8")
     for group, named in tensors.items():
         check_name("tensor group", group)
         save_tensors(named, directory / f"{group}.safetensors")
@@ -116,19 +137,39 @@ def check_name(kind: str, name: str) -> None:
                          f"(not starting with '.', not {STATE_NAME!r} or {MANIFEST!r})")
 
 
-def remove_stale_temps(root: Path) -> None:
-    """Delete temp/old directories left by an interrupted save (they are never a complete checkpoint)."""
+def remove_stale_temps(root: Path) -> list[str]:
+    """Delete temp/old directories left by an interrupted save or prune (never a complete checkpoint) whose owner
+    process is gone: a live owner may be writing one still. Returns their names."""
+    removed = []
     for entry in root.iterdir():
-        if entry.is_dir() and TEMP_DIR.match(entry.name):
+        if entry.is_dir() and TEMP_DIR.match(entry.name) and orphaned_temp(entry.name):
             shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry.name)
+    return removed
+
+
+def remove_leftovers(root: PathLike) -> list[str]:
+    """What interrupted saves and prunes left in an output_dir, removed (call it holding the output_dir's lock):
+    orphaned temp directories, and `step-*` directories without a manifest (a checkpoint is renamed into place
+    whole, so such a directory is half of an older prune's work). Returns their names."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    removed = remove_stale_temps(root)
+    for entry in sorted(root.iterdir()):
+        if STEP_DIR.match(entry.name) and entry.is_dir() and not (entry / MANIFEST).is_file():
+            remove_directory(entry)
+            removed.append(entry.name)
+    return removed
 
 
 def prune(root: Path, keep_last: int, keep: Path) -> None:
-    """Remove complete checkpoints older than the newest `keep_last` (never `keep`)."""
+    """Remove complete checkpoints older than the newest `keep_last` (never `keep`), each renamed away first so a
+    kill halfway leaves a temp name (remove_stale_temps), never a partial `step-*` directory."""
     done = complete_checkpoints(root)
     for step, path in done[:-keep_last] if len(done) > keep_last else []:
         if path != keep:
-            shutil.rmtree(path, ignore_errors=True)
+            remove_directory(path)
 
 
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -140,6 +181,12 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
             if match and entry.is_dir() and (entry / MANIFEST).is_file():
                 found.append((int(match.group(1)), entry))
     return sorted(found)
+
+
+def remove_checkpoints(output_dir: PathLike) -> None:
+    """Delete every complete checkpoint in output_dir (a caller that starts a run there afresh on purpose)."""
+    for _, path in complete_checkpoints(Path(output_dir)):
+        remove_directory(path)
 
 
 def latest_checkpoint(output_dir: PathLike) -> Optional[Path]:
@@ -156,42 +203,70 @@ def resolve_resume(resume: str, output_dir: PathLike) -> Optional[Path]:
         return None
     path = Path(resume)
     if not (path / MANIFEST).is_file():
-        raise ValueError(f"resume={resume!r}: not a complete checkpoint directory (no {MANIFEST}); "
-                         "expected 'auto', 'none' or a step-XXXXXX directory written by save_checkpoint")
+        raise CheckpointError(f"resume={resume}: not a complete checkpoint directory (no {MANIFEST}); "
+                              "expected 'auto', 'none' or a step-XXXXXX directory written by save_checkpoint")
     return path
 
 
+def find_resume(resume: str, output_dir: PathLike, log=None) -> Optional[Checkpoint]:
+    """The checkpoint a run continues, read and verified: resume=auto takes the newest in output_dir that verifies,
+    reporting each newer one it skips and why through `log` (default: stderr); an explicit path must verify
+    (CheckpointError naming the file otherwise); 'none' and an output_dir without checkpoints give None."""
+    if resume != "auto":
+        path = resolve_resume(resume, output_dir)
+        return read_checkpoint(path) if path is not None else None
+    log = log or (lambda line: print(line, file=sys.stderr))
+    for _, path in reversed(complete_checkpoints(Path(output_dir))):
+        try:
+            return read_checkpoint(path)
+        except CheckpointError as err:
+            log(f"resume=auto: skipping {path.name}, it does not verify: {err}")
+    return None
+
+
+def newer_checkpoints(output_dir: PathLike, step: int, besides: Optional[Path] = None) -> list[Path]:
+    """The complete checkpoints in output_dir after `step` (other than `besides`), oldest first."""
+    return [path for s, path in complete_checkpoints(Path(output_dir))
+            if s > step and (besides is None or path.resolve() != Path(besides).resolve())]
+
+
 def read_checkpoint(path: PathLike, verify: bool = True) -> Checkpoint:
-    """Read a checkpoint without applying it; `verify` checks every file against the manifest's sha256."""
+    """Read a checkpoint without applying it; `verify` checks every file against the manifest's sha256. Whatever is
+    missing, corrupt or unreadable raises CheckpointError naming the file."""
     directory = Path(path)
     manifest_file = directory / MANIFEST
     if not manifest_file.is_file():
-        raise ValueError(f"{manifest_file}: missing; {directory} is not a complete checkpoint")
+        raise CheckpointError(f"{manifest_file}: missing; {directory} is not a complete checkpoint")
     try:
         manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
         files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{manifest_file}: not a valid checkpoint manifest ({err})") from err
-    if verify:
-        verify_files(directory, files)
-    state = read_state(directory, STATE_NAME)
-    if state.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{directory / (STATE_NAME + '.json')}: format {state.get('format')!r}, "
-                         f"expected {FORMAT_VERSION}")
-    tensors = {g: load_tensors(directory / f"{g}.safetensors") for g in state["tensor_groups"]}
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{manifest_file}: not a valid checkpoint manifest ({err})") from err
+    try:
+        if verify:
+            verify_files(directory, files)
+        state = read_state(directory, STATE_NAME)
+        if state.get("format") != FORMAT_VERSION:
+            raise CheckpointError(f"{directory / (STATE_NAME + '.json')}: format {state.get('format')!r}, "
+                                  f"expected {FORMAT_VERSION}")
+        tensors = {g: load_tensors(directory / f"{g}.safetensors") for g in state["tensor_groups"]}
+    except CheckpointError:
+        raise
+    except (ValueError, OSError) as err:  # the readers name the file
+        raise CheckpointError(str(err)) from err
     return Checkpoint(path=directory, step=state["step"], tensors=tensors, optimizer=state["optimizer"],
                       scheduler=state["scheduler"], rng_states=state["rng_states"], sampler=state["sampler"],
                       extra=state["extra"])
 
 
 def verify_files(directory: Path, files: dict[str, str]) -> None:
-    """ValueError naming the first file that is missing or whose sha256 differs from the manifest."""
+    """CheckpointError naming the first file that is missing or whose sha256 differs from the manifest."""
     for name, digest in files.items():
         file = directory / name
         if not file.is_file():
-            raise ValueError(f"{file}: missing; the checkpoint is incomplete")
+            raise CheckpointError(f"{file}: missing; the checkpoint is incomplete")
         if sha256(file) != digest:
-            raise ValueError(f"{file}: corrupt (its sha256 differs from {directory / MANIFEST})")
+            raise CheckpointError(f"{file}: corrupt (its sha256 differs from {directory / MANIFEST})")
 
 
 def load_checkpoint(path: PathLike, *, optimizer: Optional[torch.optim.Optimizer] = None, scheduler: Any = None,
@@ -204,11 +279,11 @@ def load_checkpoint(path: PathLike, *, optimizer: Optional[torch.optim.Optimizer
     ckpt = read_checkpoint(path, verify=verify)
     if optimizer is not None:
         if ckpt.optimizer is None:
-            raise ValueError(f"{ckpt.path}: holds no optimizer state, but an optimizer was given to restore")
+            raise CheckpointError(f"{ckpt.path}: holds no optimizer state, but an optimizer was given to restore")
         load_optimizer_state(optimizer, ckpt.optimizer, ckpt.path)
     if scheduler is not None:
         if ckpt.scheduler is None:
-            raise ValueError(f"{ckpt.path}: holds no scheduler state, but a scheduler was given to restore")
+            raise CheckpointError(f"{ckpt.path}: holds no scheduler state, but a scheduler was given to restore")
         scheduler.load_state_dict(ckpt.scheduler)
     if restore_rng:
         restore_rank_rng_state(ckpt.rng_states, rank, ckpt.path)
@@ -224,7 +299,7 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, source: 
     try:
         (load or optimizer.load_state_dict)(state)
     except (ValueError, KeyError) as err:
-        raise ValueError(f"{source}: optimizer state does not fit this optimizer ({err})") from err
+        raise CheckpointError(f"{source}: optimizer state does not fit this optimizer ({err})") from err
     for group, old in zip(optimizer.param_groups, held):
         if isinstance(old, Tensor):
             with torch.no_grad():

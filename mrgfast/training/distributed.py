@@ -203,6 +203,14 @@ def all_reduce_sum(ctx: DistContext, tensor: Tensor) -> Tensor:
     return out
 
 
+def all_reduce_max(ctx: DistContext, tensor: Tensor) -> Tensor:
+    """The element-wise maximum of `tensor` over ranks (a copy); the tensor itself for one process."""
+    out = tensor.detach().clone()
+    if ctx.distributed:
+        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out
+
+
 def any_rank(ctx: DistContext, flag: bool) -> bool:
     """Whether `flag` is true on any rank (e.g. a SIGTERM seen by one process stops all)."""
     if not ctx.distributed:

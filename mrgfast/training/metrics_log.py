@@ -15,7 +15,10 @@ METRICS_NAME = "metrics.jsonl"
 
 
 def plain_value(key: str, value: Any) -> Any:
-    """A metric as a JSON value: numbers (0-d tensors read here), strings; non-finite floats as 'nan'/'inf'."""
+    """A metric as a JSON value: numbers (0-d tensors read here), strings, mappings of them (e.g. the data
+    reader's counts); non-finite floats as 'nan'/'inf'."""
+    if isinstance(value, dict):
+        return {str(k): plain_value(f"{key}.{k}", v) for k, v in value.items()}
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise ValueError(f"metric {key!r}: expected a number or a one-element tensor, got shape "
@@ -44,14 +47,20 @@ class JsonlLogger:
         """Write one line for `step`; returns the record written."""
         record = {"step": step, "time": round(time.time(), 3)}
         record.update({k: plain_value(k, v) for k, v in metrics.items()})
-        self.handle.write(json.dumps(record, allow_nan=False) + "\n")
-        self.handle.flush()
+        try:
+            self.handle.write(json.dumps(record, allow_nan=False) + "\n")
+            self.handle.flush()
+        except OSError as err:  # a full disk's error names no file
+            raise OSError(err.errno, err.strerror or str(err), str(self.path)) from err
         return record
 
     def close(self) -> None:
         """Close the file."""
         if not self.handle.closed:
-            self.handle.close()
+            try:
+                self.handle.close()
+            except OSError:
+                pass  # log() flushes every line: only a line whose failure log() raised already is left unwritten
 
 
 def truncate_after(path: Path, step: int) -> None:

@@ -84,16 +84,29 @@ class WarmupSchedule:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore position and settings from state_dict() and write the LR for that step."""
+        self.check_state(state)
+        for key in ("name", "total_steps", "warmup_steps", "num_cycles", "min_lr_rate", "last_step"):
+            setattr(self, key, state[key])
+        self.base_lrs = [float(v) for v in state["base_lrs"]]
+        self.apply()
+
+    def continue_from(self, state: dict) -> None:
+        """Take only the position of a state_dict() and keep this schedule's own settings, then write the LR: a
+        resumed run follows the schedule its config describes from the saved step on. With the same settings this is
+        load_state_dict; with a longer total_steps the LR goes on along the longer schedule (as if it had been set
+        from the start) instead of past the old end, where a cosine would climb again."""
+        self.check_state(state)
+        self.last_step = state["last_step"]
+        self.apply()
+
+    def check_state(self, state: dict) -> None:
+        """ValueError unless `state` is a state_dict() of a schedule over this optimizer's param groups."""
         missing = [k for k in self.state_dict() if k not in state]
         if missing:
             raise ValueError(f"schedule state is missing {', '.join(missing)}")
         if len(state["base_lrs"]) != len(self.optimizer.param_groups):
             raise ValueError(f"schedule state has {len(state['base_lrs'])} base LRs, the optimizer has "
                              f"{len(self.optimizer.param_groups)} param groups")
-        for key in ("name", "total_steps", "warmup_steps", "num_cycles", "min_lr_rate", "last_step"):
-            setattr(self, key, state[key])
-        self.base_lrs = [float(v) for v in state["base_lrs"]]
-        self.apply()
 
 
 def set_group_lr(group: dict, value: float) -> None:

@@ -25,6 +25,7 @@ from mrgfast.peft import disable_adapters
 from mrgfast.peft.state import get_lora_state
 from mrgfast.training.distributed import gradient_sync
 from mrgfast.training.fsdp import average_gradients
+from mrgfast.training.optim import step_unless
 
 DPO_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                "logps/rejected")
@@ -54,6 +55,11 @@ class StepSettings:
     autocast_dtype: Optional[torch.dtype] = None
     average_gradients: bool = False   # FSDP2 here keeps trainables unsharded: their gradients are averaged by hand
     loss_weights: Optional[Sequence[float]] = None
+
+
+def full_tensor(value: Tensor) -> Tensor:
+    """A replicated DTensor (FSDP2's gradient norm) as the plain tensor it holds on every rank; others as they are."""
+    return value.full_tensor() if hasattr(value, "full_tensor") else value
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -152,6 +158,7 @@ def dpo_loss(model: nn.Module, micro: MicroBatch, settings: StepSettings) -> tup
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micros: Sequence[MicroBatch],
                settings: StepSettings, params: Sequence[Tensor], static_grads: bool = False) -> dict:
     """One optimizer step over the accumulated micro-batches; returns device tensors (loss, grad_norm, DPO metrics).
+    A step whose loss or gradient norm is not finite leaves the weights and the optimizer state as they were.
 
     Each micro-batch's loss is already divided by the global batch's normaliser, so the summed gradients equal
     one big batch's; under DDP the gradients are averaged over ranks, hence the world_size factor.
@@ -174,8 +181,13 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, micros: Seque
     if settings.average_gradients:
         average_gradients(params, settings.world_size)
     if settings.max_grad_norm is not None:
-        out["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
-    optimizer.step()
+        norm = torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    out["grad_norm"] = norm = full_tensor(norm)
+    # A NaN/inf loss or gradient never reaches the weights: the update is skipped on the device (the guard reports
+    # it where the loop reads values anyway).
+    step_unless(optimizer, (~torch.isfinite(norm) | ~torch.isfinite(total)).float())
     # Kept allocated (zeros) for a captured graph, whose gradient buffers must stay put; freed otherwise.
     optimizer.zero_grad(set_to_none=not static_grads)
     return out

@@ -30,8 +30,10 @@ class Telemetry:
         else:
             self.peak_source = "given"
         self.throughput = Throughput(flops_per_token, peak_tflops)
-        resume = initial_step if initial_step > 0 else None
-        self.jsonl = JsonlLogger(output_dir / METRICS_NAME, resume_step=resume) if main_process and jsonl else None
+        # Lines after the step the run starts from belong to a run that did not go on (all of them for a fresh run):
+        # they go, so no step is logged twice.
+        self.jsonl = JsonlLogger(output_dir / METRICS_NAME, resume_step=initial_step) if main_process and jsonl \
+            else None
         self.tensorboard = open_tensorboard(output_dir / "tensorboard") if main_process and tensorboard else None
         self.bar = ProgressBar(total_steps, initial_step, enabled=main_process and progress_bar)
         device = torch.device(device)

@@ -1,11 +1,14 @@
 """atomic_write / atomic_write_text: the target is replaced whole or left as it was, with no temp file behind;
-build_directory_once: a directory built once, the first of racing builders kept."""
+build_directory_once: a directory built once, the first of racing builders kept; temp names record their owner's pid,
+and a directory is renamed away before it is deleted."""
 
 import os
+import shutil
 
 import pytest
 
-from mrgfast.common.files import atomic_write, atomic_write_text, build_directory_once
+from mrgfast.common.files import (TEMP_NAME, atomic_write, atomic_write_text, build_directory_once, orphaned_temp,
+                                  remove_directory, temp_path)
 
 
 def umask() -> int:
@@ -120,3 +123,25 @@ def test_a_failed_build_leaves_nothing_and_a_lost_race_keeps_the_winner(tmp_path
 
     assert build_directory_once(target, "done.json", racing) == target
     assert (target / "done.json").read_text() == "winner" and os.listdir(tmp_path) == ["d"]
+
+
+def test_temp_names_carry_their_owner_and_only_orphans_count_as_stale(tmp_path):
+    temp = temp_path(tmp_path / "step-000002", "tmp")
+    assert TEMP_NAME.match(temp.name).group("pid") == str(os.getpid())
+    assert not orphaned_temp(temp.name)                                   # this process: alive
+    assert orphaned_temp(".step-000002.tmp-999999999-abc123")             # no such process
+    assert orphaned_temp(".step-000002.old-abc123")                       # before pids were recorded
+    assert not orphaned_temp("step-000002") and not orphaned_temp(".config.yaml")
+    with atomic_write(tmp_path / "a.txt") as written:
+        assert TEMP_NAME.match(written.name).group("pid") == str(os.getpid())
+        written.write_text("x")
+
+
+def test_remove_directory_renames_away_before_deleting(tmp_path, monkeypatch):
+    doomed = tmp_path / "step-000001"
+    doomed.mkdir()
+    (doomed / "f").write_text("x")
+    seen = []
+    monkeypatch.setattr(shutil, "rmtree", lambda path, ignore_errors=False: seen.append(path))  # a kill here
+    remove_directory(doomed)
+    assert not doomed.exists() and len(seen) == 1 and TEMP_NAME.match(seen[0].name).group("kind") == "old"

@@ -1,12 +1,14 @@
 """Readers on small files written in tmp_path: R2Gen, PeFoMed lists, VQA-RAD, SLAKE, preference JSONL, CT CSV."""
 
 import json
+import os
 
 import numpy as np
 import pytest
 
 from mrgfast.data import (BadSampleError, DataFormatError, read_ct_reports, read_preference_jsonl, read_r2gen,
                           read_report_list, read_slake, read_vqa_rad)
+from mrgfast.data.samples import describe_stats
 from tests.data.files import write_json, write_png
 
 
@@ -274,3 +276,47 @@ def test_non_utf8_json_and_jsonl_name_the_file(tmp_path):
         read_preference_jsonl(tmp_path / "pairs.jsonl")
     with pytest.raises(FileNotFoundError, match="JSONL file not found"):
         read_preference_jsonl(tmp_path / "none.jsonl")
+
+
+@pytest.mark.parametrize("escape", ["../outside/x.png", "/etc/passwd", "sub/../../outside/x.png"])
+def test_paths_leaving_the_image_directory_are_refused_naming_the_entry(tmp_path, escape):
+    """No reader opens (or tells whether there is) a file outside its image directory unless allowed."""
+    write_png(tmp_path / "outside" / "x.png")
+    write_png(tmp_path / "data" / "a.png")
+    data = tmp_path / "data"
+    write_json(data / "list.json", [{"image_path": "a.png", "report": "Normal."},
+                                    {"image_path": escape, "report": "Normal."}])
+    write_json(data / "vqa.json", [vqa_rad_entry(1, "Yes", image=escape)])
+    (data / "pairs.jsonl").write_text(json.dumps({"id": 1, "images": ["a.png", escape], "prompt": "p",
+                                                  "chosen": "No effusion.", "rejected": "Effusion."}) + "\n")
+    reads = [(lambda **k: read_report_list(data / "list.json", **k), r"list\.json\[1\]"),
+             (lambda **k: read_vqa_rad(data / "vqa.json", **k), r"vqa\.json\[0\] \(id=1\)"),
+             (lambda **k: read_preference_jsonl(data / "pairs.jsonl", **k), r"pairs\.jsonl line 1 \(id=1\)")]
+    for read, where in reads:
+        with pytest.raises(DataFormatError, match=where + r".*lies outside the image directory"):
+            read()
+        with pytest.raises(DataFormatError, match="outside"):  # a format error: never skipped as a bad sample
+            read(skip_bad_samples=True)
+    samples = read_report_list(data / "list.json", allow_outside=True)
+    assert samples[1].image_paths == (os.path.normpath(data / escape),)  # opened as checked: '..' resolved
+
+
+def test_r2gen_and_unchecked_ct_paths_stay_inside_too(r2gen_dir, ct_dir):
+    annotation = json.loads((r2gen_dir / "annotation.json").read_text())
+    annotation["train"][1]["image_path"][1] = "../annotation.json"
+    write_json(r2gen_dir / "annotation.json", annotation)
+    with pytest.raises(DataFormatError, match=r"annotation\.json\[train\]\[1\] \(id=b\): image path "
+                                              r"'\.\./annotation\.json' lies outside the image directory"):
+        read_r2gen(r2gen_dir / "annotation.json")
+    assert len(read_r2gen(r2gen_dir / "annotation.json", allow_outside=True)) == 2
+    (ct_dir / "reports.csv").write_text("VolumeName,Findings_EN\n../../etc/passwd,Normal.\n", encoding="utf-8")
+    with pytest.raises(DataFormatError, match="outside"):
+        read_ct_reports(ct_dir / "reports.csv", ct_dir / "vol", check_volumes=False)
+    with pytest.raises(BadSampleError, match="volume file not found"):  # checked: looked up among its files only
+        read_ct_reports(ct_dir / "reports.csv", ct_dir / "vol")
+
+
+def test_describe_stats_reads_as_one_line():
+    assert describe_stats({"truncated_report": 1, "kept": 8, "read": 9, "skipped_missing_image": 1,
+                           "skipped_language": 0}) == "read 9, kept 8, skipped_missing_image 1, truncated_report 1"
+    assert describe_stats({}) == "no counts"

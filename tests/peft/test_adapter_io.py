@@ -61,6 +61,22 @@ def test_round_trip_into_a_fresh_model(toy_model, toy_ids, tmp_path, bias):
     assert torch.equal(logits(fresh, toy_ids), logits(toy_model, toy_ids))
 
 
+def test_loading_into_an_eval_model_adds_no_dropout(toy_model, toy_ids, tmp_path):
+    """As PEFT's from_pretrained gives an eval model: the new LoRA modules take the model's mode, so a loaded model's
+    outputs are deterministic without another .eval()."""
+    fresh, training = copy.deepcopy(toy_model), copy.deepcopy(toy_model).train()  # toy_model is in eval mode
+    config = LoraConfig(r=2, lora_alpha=4, lora_dropout=0.5, target_modules=["q_proj", "v_proj"])
+    apply_lora(toy_model, config)
+    randomize_trainable(toy_model)
+    save_adapter(toy_model, tmp_path)
+    load_adapter(fresh, tmp_path)
+    assert not any(m.training for m in fresh.modules())
+    with torch.no_grad():
+        assert torch.equal(fresh(toy_ids), fresh(toy_ids))
+    apply_lora(training, config)  # a model in train mode gets adapters in train mode
+    assert all(m.training for m in training.modules())
+
+
 def test_load_into_a_model_that_already_has_the_same_lora(toy_model, toy_ids, tmp_path):
     other = copy.deepcopy(toy_model)
     config = LoraConfig(r=2, target_modules=["v_proj"])

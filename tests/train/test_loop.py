@@ -20,7 +20,7 @@ from mrgfast.testing.sync_guard import no_host_sync
 from mrgfast.train import train
 from mrgfast.training.checkpoint import read_checkpoint
 from mrgfast.training.cuda_graph import signature
-from mrgfast.training.guards import NonFiniteLossError
+from mrgfast.training.guards import NonFiniteError, NonFiniteLossError
 from mrgfast.training.steps import MicroBatch, StepSettings, prepare, sft_loss, supervised_tokens, train_step
 from tests.tiny_run import cache  # noqa: F401 (a fixture)
 from tests.tiny_run import host_batches, logged, tiny, tiny_cuda, trained_tensors
@@ -176,30 +176,73 @@ def test_resume_is_bit_identical_and_sigterm_saves(cache, tmp_path):
 
 
 def test_nan_loss_stops_naming_step_and_batch(cache, tmp_path, monkeypatch):
-    import mrgfast.train.setup as loop
-    models = []
-    original = loop.build_all
+    import mrgfast.train.loop as loop
+    original = loop.save
+
+    def save_then_poison(state):
+        """Save, then make every later loss NaN through a LoRA weight (after the step-2 checkpoint: the step-3 loss
+        is NaN)."""
+        path = original(state)
+        with torch.no_grad():
+            next(p for n, p in state.core.named_parameters() if "lora_A" in n).fill_(float("nan"))
+        return path
+
+    monkeypatch.setattr(loop, "save", save_then_poison)
+    config = tiny(cache, tmp_path, "schedule.max_steps=6", "checkpoint.every_steps=2")
+    with pytest.raises(NonFiniteLossError, match=r"at step 3, batch sample ids \[synth") as info:
+        train(config)
+    assert info.value.step == 3 and info.value.batch_ids
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-000002"]
+    read_checkpoint(tmp_path / "step-000002")  # verifies every file's sha256
+    assert all(torch.isfinite(t).all() for t in trained_tensors(tmp_path / "step-000002").values())
+
+
+@pytest.fixture
+def nan_at_steps_2_and_3(monkeypatch):
+    """Make the loss (and so every gradient) of a run's 2nd and 3rd steps NaN; returns the loss calls so far and
+    the models built."""
+    import mrgfast.train.setup as setup
+    import mrgfast.training.steps as steps
+    real_loss, real_build, calls, models = steps.sft_loss, setup.build_all, [], []
+
+    def sometimes_nan(model, micro):
+        calls.append(1)
+        loss = real_loss(model, micro)
+        return loss * float("nan") if len(calls) in (2, 3) else loss
 
     def keep_model(*args, **kwargs):
-        """build_all, keeping the model for `poison`."""
-        pieces = original(*args, **kwargs)
+        pieces = real_build(*args, **kwargs)
         models.append(pieces.model)
         return pieces
 
-    def poison(step, outputs):
-        """Make every later loss NaN through a LoRA weight."""
-        if step == 2:  # after the step-2 checkpoint: the step-3 loss is NaN
-            with torch.no_grad():
-                next(p for n, p in models[0].named_parameters() if "lora_A" in n).fill_(float("nan"))
+    monkeypatch.setattr(steps, "sft_loss", sometimes_nan)
+    monkeypatch.setattr(setup, "build_all", keep_model)
+    return dict(calls=calls, models=models)
 
-    monkeypatch.setattr(loop, "build_all", keep_model)
-    config = tiny(cache, tmp_path, "schedule.max_steps=6", "checkpoint.every_steps=2")
-    with pytest.raises(NonFiniteLossError, match=r"at step 3, batch sample ids \[synth") as info:
-        train(config, on_step=poison)
-    assert info.value.step == 3 and info.value.batch_ids
-    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-000002"]
-    good = read_checkpoint(tmp_path / "step-000002")  # verifies every file's sha256
-    assert all(torch.isfinite(t).all() for t in good.tensors["modules"].values())
+
+def test_skip_mode_leaves_the_weights_of_nonfinite_steps_untouched(cache, tmp_path, nan_at_steps_2_and_3):
+    weights = {}
+
+    def keep(step, outputs):
+        """The trainable weights after each step."""
+        model = nan_at_steps_2_and_3["models"][0]
+        weights[step] = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+
+    result = train(tiny(cache, tmp_path, "schedule.max_steps=5", "guard.on_nonfinite=skip",
+                        "checkpoint.every_steps=100"), on_step=keep)
+    assert result.step == 5 and [r["skipped_steps"] for r in result.history] == [0, 1, 2, 2, 2]
+    assert all(torch.equal(a, b) for a, b in zip(weights[1], weights[3]))       # steps 2 and 3 were skipped
+    assert not all(torch.equal(a, b) for a, b in zip(weights[3], weights[4]))   # step 4 trained
+    assert all(torch.isfinite(t).all() for t in trained_tensors(result.checkpoint).values())
+
+
+def test_stop_mode_and_the_skip_limit_stop_the_run(cache, tmp_path, nan_at_steps_2_and_3):
+    with pytest.raises(NonFiniteLossError, match="non-finite loss .* at step 2"):
+        train(tiny(cache, tmp_path / "stop", "schedule.max_steps=5"))
+    nan_at_steps_2_and_3["calls"].clear()  # the next run's 2nd and 3rd steps
+    with pytest.raises(NonFiniteError, match="2 steps in a row .* guard.max_consecutive_skips=1"):
+        train(tiny(cache, tmp_path / "limit", "schedule.max_steps=5", "guard.on_nonfinite=skip",
+                   "guard.max_consecutive_skips=1"))
 
 
 def test_vision_cache_reuses_frozen_features_with_the_same_losses(cache, tmp_path):

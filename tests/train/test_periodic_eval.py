@@ -2,6 +2,7 @@
 duplicate lines, and refuses the setups it cannot serve."""
 
 import json
+import shutil
 
 import pytest
 
@@ -68,6 +69,7 @@ def test_at_end_evaluates_once_and_dpo_is_scored_on_reports(cache, tmp_path, mon
 
 def test_resume_redoes_the_evaluations_after_its_checkpoint(cache, tmp_path):
     train(tiny(cache, tmp_path, "eval.every_steps=1", *EVAL))
+    shutil.rmtree(tmp_path / "step-000004")  # going back to step 2 (a later checkpoint left there is refused)
     train(tiny(cache, tmp_path, "eval.every_steps=1", f"resume={tmp_path / 'step-000002'}", *EVAL))
     assert [line["step"] for line in eval_lines(tmp_path)] == [1, 2, 3, 4]
 

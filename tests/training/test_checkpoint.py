@@ -1,8 +1,13 @@
-"""Checkpoints: exact save/restore of weights, optimizer, schedule, RNG and sampler; atomicity; retention; errors."""
+"""Checkpoints: exact save/restore of weights, optimizer, schedule, RNG and sampler; atomicity; retention; errors;
+the checkpoint a run resumes from; leftovers of interrupted saves and prunes."""
 
 import copy
+import errno
 import json
+import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,8 +16,10 @@ from torch import nn
 
 from mrgfast.common.rng import seed_everything
 from mrgfast.peft import LoraConfig, apply_lora, load_adapter
-from mrgfast.training.checkpoint import (MANIFEST, adapter_writer, copy_tensors_into, latest_checkpoint,
-                                         load_checkpoint, read_checkpoint, resolve_resume, save_checkpoint)
+from mrgfast.common.exit_codes import IO
+from mrgfast.training.checkpoint import (MANIFEST, CheckpointError, adapter_writer, copy_tensors_into, find_resume,
+                                         latest_checkpoint, load_checkpoint, newer_checkpoints, read_checkpoint,
+                                         remove_leftovers, resolve_resume, save_checkpoint)
 from mrgfast.training.optim import build_adamw
 from mrgfast.training.schedule import WarmupSchedule
 from mrgfast.training.state_io import same_state
@@ -213,3 +220,76 @@ def test_adapter_writer_saves_a_loadable_peft_adapter(tmp_path, toy_model, toy_i
     fresh.load_state_dict({k: v for k, v in toy_model.state_dict().items() if "lora_" not in k}, strict=False)
     load_adapter(fresh, path / "adapter")
     torch.testing.assert_close(fresh(toy_ids), expected, rtol=0, atol=0)
+
+
+def test_checkpoint_errors_carry_the_io_exit_code_and_files_are_written_and_checked(tmp_path):
+    path = save_checkpoint(tmp_path, 1, files={"config.yaml": "seed: 3\n"})
+    assert (path / "config.yaml").read_text() == "seed: 3\n"
+    assert "config.yaml" in json.loads((path / MANIFEST).read_text())["files"]
+    (path / "config.yaml").write_text("seed: 4\n")
+    with pytest.raises(CheckpointError, match=r"config\.yaml: corrupt") as info:
+        read_checkpoint(path)
+    assert info.value.exit_code == IO
+    with pytest.raises(ValueError, match="file name"):
+        save_checkpoint(tmp_path, 2, files={"manifest.json": "{}"})
+
+
+def test_a_full_disk_names_the_checkpoint(tmp_path):
+    def full(directory):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="cannot write the checkpoint") as info:
+        save_checkpoint(tmp_path, 3, writers={"adapter": full})
+    assert info.value.filename == str(tmp_path / "step-000003") and info.value.errno == errno.ENOSPC
+    assert not list(tmp_path.iterdir())
+
+
+def test_find_resume_falls_back_past_checkpoints_that_do_not_verify(tmp_path):
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, extra={"step": step}, keep_last=3)
+    (tmp_path / "step-000003" / "trainer_state.json").write_text("{}")
+    (tmp_path / "step-000002" / MANIFEST).write_text("{not json")
+    lines = []
+    found = find_resume("auto", tmp_path, log=lines.append)
+    assert found.step == 1 and len(lines) == 2
+    assert lines[0].startswith("resume=auto: skipping step-000003, it does not verify: ") and "corrupt" in lines[0]
+    assert "step-000002" in lines[1] and "not a valid checkpoint manifest" in lines[1]
+    with pytest.raises(CheckpointError, match=r"step-000003/trainer_state\.json: corrupt"):
+        find_resume(str(tmp_path / "step-000003"), tmp_path)
+    assert find_resume("none", tmp_path) is None and find_resume("auto", tmp_path / "empty") is None
+    assert [p.name for p in newer_checkpoints(tmp_path, 1)] == ["step-000002", "step-000003"]
+    assert newer_checkpoints(tmp_path, 2, besides=tmp_path / "step-000003") == []
+
+
+def test_only_temps_whose_owner_is_gone_are_removed(tmp_path):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = tmp_path / f".step-000002.tmp-{sleeper.pid}-abc123"   # another run still writing it
+        dead = tmp_path / ".step-000003.tmp-999999999-abc123"
+        legacy = tmp_path / ".step-000004.old-abc123"
+        partial = tmp_path / "step-000005"                           # half a prune of an older version
+        for directory in (live, dead, legacy, partial):
+            directory.mkdir()
+        save_checkpoint(tmp_path, 1)
+        assert live.exists() and not dead.exists() and not legacy.exists() and partial.exists()
+        assert remove_leftovers(tmp_path) == ["step-000005"] and not partial.exists() and live.exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert remove_leftovers(tmp_path) == [live.name]
+
+
+def test_prune_renames_a_checkpoint_away_before_deleting_it(tmp_path, monkeypatch):
+    import shutil
+    save_checkpoint(tmp_path, 1, keep_last=1)
+    real_rmtree, seen = shutil.rmtree, []
+
+    def killed_halfway(path, ignore_errors=False):
+        """The prune's delete dies after the rename: what stays behind is a temp name, never a partial step-*."""
+        seen.append(os.path.basename(path))
+
+    monkeypatch.setattr(shutil, "rmtree", killed_halfway)
+    save_checkpoint(tmp_path, 2, keep_last=1)
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    assert [p.name for p in tmp_path.glob("step-*")] == ["step-000002"]
+    assert seen and seen[-1].startswith(f".step-000001.old-{os.getpid()}-")

@@ -92,6 +92,32 @@ def test_state_dict_round_trip_and_errors():
         WarmupSchedule(sgd((0.1,)), 10, 2).load_state_dict(state)
 
 
+def test_continue_from_takes_the_position_and_keeps_the_own_settings():
+    """An extended cosine goes on along the longer schedule: as if set so from the start, never climbing again."""
+    short = WarmupSchedule(sgd((0.1,)), 4)
+    for _ in range(4):
+        short.step()
+    assert short.get_last_lr() == [pytest.approx(0.0)]
+    longer_opt = sgd((0.1,))
+    longer, straight = WarmupSchedule(longer_opt, 8), WarmupSchedule(sgd((0.1,)), 8)
+    longer.continue_from(short.state_dict())
+    assert longer.last_step == 4 and longer.total_steps == 8
+    for _ in range(4):
+        straight.step()
+    lrs = []
+    for _ in range(4):
+        assert longer.get_last_lr() == straight.get_last_lr() == [longer_opt.param_groups[0]["lr"]]
+        lrs.append(longer.get_last_lr()[0])
+        longer.step()
+        straight.step()
+    assert lrs == sorted(lrs, reverse=True) and lrs[0] > 0
+    with pytest.raises(ValueError, match="missing last_step"):
+        longer.continue_from({k: v for k, v in short.state_dict().items() if k != "last_step"})
+    climbing = WarmupSchedule(sgd((0.1,)), 4)
+    climbing.last_step = 6  # what load_state_dict of the short schedule left an extended run with
+    assert climbing.multiplier() > climbing.multiplier(5)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(total_steps=0, warmup_steps=0), "total_steps >= 1"),
     (dict(total_steps=5, warmup_steps=6), "warmup_steps <= total_steps"),

@@ -57,6 +57,26 @@ def test_jsonl_resume_drops_steps_after_the_checkpoint(tmp_path):
     assert [(r["step"], r["loss"]) for r in read_lines(path)] == [(10, 1.0), (20, 1.0), (30, 0.5)]
 
 
+def test_jsonl_takes_mappings_and_names_itself_when_a_write_fails(tmp_path):
+    log = JsonlLogger(tmp_path / "m.jsonl")
+    log.log(1, {"data": {"read": 9, "kept": 8}})
+    log.close()
+    assert read_lines(tmp_path / "m.jsonl")[0]["data"] == {"read": 9, "kept": 8}
+    (tmp_path / "full.jsonl").symlink_to("/dev/full")
+    full = JsonlLogger(tmp_path / "full.jsonl")
+    with pytest.raises(OSError, match="No space left on device") as info:
+        full.log(1, {"loss": 1.0})
+    assert info.value.filename == str(tmp_path / "full.jsonl")
+    full.close()  # the failed line is not raised twice
+
+
+def test_a_fresh_telemetry_drops_an_earlier_runs_lines(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
+    Telemetry(tmp_path, 10, 1.0, torch.device("cpu"), tensorboard=False, progress_bar=False,
+              peak_tflops=1.0).close()
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
+
+
 def test_tensorboard_present_or_absent_without_error(tmp_path):
     writer = open_tensorboard(tmp_path / "tb")
     if importlib.util.find_spec("tensorboard") is None:
