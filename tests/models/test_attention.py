@@ -30,54 +30,6 @@ def reference_attention(q, k, v, q_lengths, k_lengths):
     return torch.einsum("hqk,khd->qhd", weights, vf)
 
 
-CASES = [  # (query lengths, key lengths): training (equal), decoding (1 query), chunked prefill, empty docs
-    ([5, 1, 7, 3], [5, 1, 7, 3]),
-    ([1, 1, 1], [4, 9, 1]),
-    ([3, 2], [6, 2]),
-    ([0, 4, 0], [2, 4, 3]),
-]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("q_lengths, k_lengths", CASES)
-@pytest.mark.parametrize("heads, kv_heads", [(4, 2), (3, 3)])
-def test_matches_dense_reference(dtype, q_lengths, k_lengths, heads, kv_heads):
-    g = torch.Generator().manual_seed(0)
-    head_dim = 12
-    q = torch.randn(sum(q_lengths), heads, head_dim, generator=g).to(dtype).requires_grad_()
-    k = torch.randn(sum(k_lengths), kv_heads, head_dim, generator=g).to(dtype).requires_grad_()
-    v = torch.randn(sum(k_lengths), kv_heads, head_dim, generator=g).to(dtype).requires_grad_()
-    grad_out = torch.randn(q.shape, generator=g).to(dtype)
-    out = varlen_attention(q, k, v, Segments.from_lengths(q_lengths, "cpu"), Segments.from_lengths(k_lengths, "cpu"))
-    ref = reference_attention(q, k, v, q_lengths, k_lengths)
-    assert out.dtype == dtype and out.shape == q.shape
-    torch.testing.assert_close(out.float(), ref, **TOLERANCE[dtype])
-    if q.shape[0] == 0:
-        return
-    grads = torch.autograd.grad(out, (q, k, v), grad_out)
-    ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out.float())
-    for name, grad, ref_grad in zip("qkv", grads, ref_grads):
-        torch.testing.assert_close(grad.float(), ref_grad.float(), **TOLERANCE[dtype], msg=name)
-
-
-def test_cpu_and_forced_reference_use_per_document_sdpa(monkeypatch):
-    q = torch.zeros(2, 1, 4)
-    assert attention_backend(q) == "sdpa"
-    monkeypatch.setenv("MRGFAST_BACKEND", "reference")
-    assert attention_backend(q) == "sdpa"
-
-
-def test_bad_shapes_raise():
-    q, kv = torch.zeros(4, 3, 8), torch.zeros(4, 2, 8)
-    seg = Segments.from_lengths([4], "cpu")
-    with pytest.raises(ValueError, match=r"query heads \(3\) must be a multiple of key/value heads \(2\)"):
-        varlen_attention(q, kv, kv, seg)
-    with pytest.raises(ValueError, match="more queries than keys"):
-        varlen_attention(torch.zeros(4, 2, 8), kv[:2], kv[:2], seg, Segments.from_lengths([2], "cpu"))
-    with pytest.raises(ValueError, match="seg_q has 1 documents but seg_k has 2"):
-        varlen_attention(torch.zeros(4, 2, 8), kv, kv, seg, Segments.from_lengths([2, 2], "cpu"))
-
-
 def random_qkv(q_lengths, k_lengths, heads, kv_heads, dtype=torch.float32, seed=0, head_dim=12):
     """q [Tq, heads, D], k and v [Tk, kv_heads, D] needing gradients, and an upstream gradient."""
     g = torch.Generator().manual_seed(seed)
@@ -97,6 +49,42 @@ def assert_matches_reference(out, q, k, v, grad_out, q_lengths, k_lengths, dtype
     ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out.float())
     for name, grad, ref_grad in zip("qkv", grads, ref_grads):
         torch.testing.assert_close(grad.float(), ref_grad.float(), **TOLERANCE[dtype], msg=name)
+
+
+CASES = [  # (query lengths, key lengths): training (equal), decoding (1 query), chunked prefill, empty docs
+    ([5, 1, 7, 3], [5, 1, 7, 3]),
+    ([1, 1, 1], [4, 9, 1]),
+    ([3, 2], [6, 2]),
+    ([0, 4, 0], [2, 4, 3]),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("q_lengths, k_lengths", CASES)
+@pytest.mark.parametrize("heads, kv_heads", [(4, 2), (3, 3)])
+def test_matches_dense_reference(dtype, q_lengths, k_lengths, heads, kv_heads):
+    q, k, v, grad_out = random_qkv(q_lengths, k_lengths, heads, kv_heads, dtype)
+    out = varlen_attention(q, k, v, Segments.from_lengths(q_lengths, "cpu"), Segments.from_lengths(k_lengths, "cpu"))
+    assert out.dtype == dtype and out.shape == q.shape
+    assert_matches_reference(out, q, k, v, grad_out, q_lengths, k_lengths, dtype)
+
+
+def test_cpu_and_forced_reference_use_per_document_sdpa(monkeypatch):
+    q = torch.zeros(2, 1, 4)
+    assert attention_backend(q) == "sdpa"
+    monkeypatch.setenv("MRGFAST_BACKEND", "reference")
+    assert attention_backend(q) == "sdpa"
+
+
+def test_bad_shapes_raise():
+    q, kv = torch.zeros(4, 3, 8), torch.zeros(4, 2, 8)
+    seg = Segments.from_lengths([4], "cpu")
+    with pytest.raises(ValueError, match=r"query heads \(3\) must be a multiple of key/value heads \(2\)"):
+        varlen_attention(q, kv, kv, seg)
+    with pytest.raises(ValueError, match="more queries than keys"):
+        varlen_attention(torch.zeros(4, 2, 8), kv[:2], kv[:2], seg, Segments.from_lengths([2], "cpu"))
+    with pytest.raises(ValueError, match="seg_q has 1 documents but seg_k has 2"):
+        varlen_attention(torch.zeros(4, 2, 8), kv, kv, seg, Segments.from_lengths([2, 2], "cpu"))
 
 
 @pytest.mark.parametrize("on_cuda, dtype, forced, flash, varlen, flex, expected", [
