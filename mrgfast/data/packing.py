@@ -270,6 +270,20 @@ class PackedBatch:
                              f"input_ids, got {tuple(hidden.shape)}")
         return tuple(t.to(hidden.device) for t in (self.dpo_index, self.dpo_labels, self.dpo_cu_seqlens))
 
+    def attention_documents(self) -> list:
+        """(queries, keys) of each document holding real tokens, from the host bounds (padding documents left out):
+        the attention this batch must compute. Host-side batches only (before prepare)."""
+        real = (self.sample_index.reshape(-1) >= 0).tolist()
+        if self.layout is not None:  # DPO's shared prompts: rejected answers attend to [prompt, rejected]
+            bounds, keys = self.layout.seg_q.bounds, self.layout.seg_k.lengths
+        else:
+            bounds, keys = self.cu_seqlens.tolist(), None
+        documents = []
+        for index, (start, end) in enumerate(zip(bounds, bounds[1:])):
+            if end > start and real[start]:
+                documents.append((end - start, end - start if keys is None else keys[index]))
+        return documents
+
     def span_index(self, kind: str) -> Tensor:
         """Flat positions [n] of every `kind` placeholder token, by sample then image/slot: where the adapter's
         outputs for the batch's samples (in sample_ids order), flattened, are written into the embeddings."""

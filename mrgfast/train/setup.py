@@ -93,12 +93,13 @@ def set_up(config: TrainConfig, ctx: DistContext) -> RunState:
     if ckpt:
         restore(core, pieces.optimizer, pieces.schedule, ckpt, ctx.rank, sharded)
 
-    total_params = sum(p.numel() for p in core.parameters())
-    telemetry = Telemetry(out_dir, config.schedule.max_steps,
-                          training_flops_per_token(total_params, sum(p.numel() for p in params)),
-                          device, initial_step=step, main_process=ctx.is_main, jsonl=config.telemetry.jsonl,
+    telemetry = Telemetry(out_dir, config.schedule.max_steps, decoder_flops_per_token(core.decoder), device, initial_step=step, main_process=ctx.is_main, jsonl=config.telemetry.jsonl,
                           tensorboard=config.telemetry.tensorboard, progress_bar=config.telemetry.progress_bar,
                           gpu_sample_interval_s=config.telemetry.gpu_sample_interval_s)
+    if ctx.is_main:
+        peak = telemetry.throughput.peak_tflops
+        print(f"mrgfast.train: MFU against {telemetry.peak_source}: "
+              f"{'unknown' if peak is None else f'{peak:.4g} TFLOP/s'}", file=sys.stderr)
     static_shapes = config.cuda_graphs and device.type == "cuda"  # a captured graph replays fixed shapes
     packed = pieces.packed
     static_shape = StaticShape.for_lengths(packed.lengths, packed.budget, packed.rows) if static_shapes else None
@@ -111,6 +112,17 @@ def set_up(config: TrainConfig, ctx: DistContext) -> RunState:
     return RunState(config, ctx, out_dir, pieces, params, settings, runner, telemetry, guard, batches, step, consumed,
                     ckpt.path if ckpt else None, sharded, static_shape, ref_logps, ref_path,
                     checkpoint_files={RESOLVED_NAME: config_text(config)}, next_log={"data": data_stats})
+
+
+def decoder_flops_per_token(decoder: nn.Module) -> float:
+    """The decoder's weight-matmul FLOPs per trained token (training_flops_per_token): every weight but the input
+    embedding, a lookup (counted once, as the LM head, when tied). The vision encoder and the adapters run once per
+    image, not per token, and are left out: MFU errs low for vision-heavy steps."""
+    weights = sum(p.numel() for p in decoder.parameters())
+    if not decoder.config.tie_word_embeddings:
+        weights -= decoder.model.embed_tokens.weight.numel()
+    trainable = sum(p.numel() for p in decoder.parameters() if p.requires_grad)
+    return training_flops_per_token(weights, trainable)
 
 
 def restore(core: nn.Module, optimizer, schedule, ckpt, rank: int, sharded: bool = False) -> None:

@@ -10,6 +10,7 @@ from mrgfast.training.distributed import all_reduce_max, all_reduce_sum
 from mrgfast.training.guards import max_abs
 from mrgfast.training.steps import MicroBatch, batch_reference_logps, pair_count, prepare, supervised_tokens
 from mrgfast.training.telemetry import Telemetry
+from mrgfast.training.throughput import attention_flops
 
 
 def take_step(state: RunState) -> tuple:
@@ -34,7 +35,10 @@ def take_step(state: RunState) -> tuple:
     state.consumed += config.optim.grad_accum_steps * ctx.world_size
     state.pieces.schedule.step()
     state.guard.observe(outputs["loss"], state.step, ids, outputs["grad_norm"])
-    state.telemetry.step_done(tokens)
+    decoder = state.core.decoder.config
+    documents = [document for b in host for document in b.attention_documents()]
+    state.telemetry.step_done(tokens, attention_flops(documents, decoder.num_hidden_layers,
+                                                      decoder.num_attention_heads * decoder.head_dim))
     return outputs, lr
 
 

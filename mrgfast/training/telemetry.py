@@ -15,7 +15,7 @@ from mrgfast.training.throughput import Throughput, device_peak_tflops
 class Telemetry:
     """Everything the loop reports. Only the main process writes; other ranks keep counters only.
 
-    Per step call `step_done(tokens)` (host-only, no device read); every `log_every` steps call
+    Per step call `step_done(tokens, attention_flops)` (host-only, no device read); every `log_every` steps call
     `log(step, metrics)` with values already read from the device.
     """
 
@@ -43,9 +43,9 @@ class Telemetry:
             self.gpu.start()
         self.pending_steps = 0
 
-    def step_done(self, tokens: int) -> None:
-        """Count one optimizer step and the tokens it trained on (this process)."""
-        self.throughput.add(tokens)
+    def step_done(self, tokens: int, attention_flops: float = 0.0) -> None:
+        """Count one optimizer step, the tokens it trained on and its attention FLOPs (this process)."""
+        self.throughput.add(tokens, attention_flops)
         self.pending_steps += 1
 
     def log(self, step: int, metrics: dict[str, Any]) -> dict:

@@ -29,7 +29,8 @@ PEAK_TFLOPS = (
 
 
 def training_flops_per_token(total_params: int, trainable_params: int, full_finetune: bool = False) -> float:
-    """Matmul FLOPs per trained token from parameter counts (attention's sequence term left out).
+    """The weight-matmul FLOPs a training step must do per token, from parameter counts (attention is separate:
+    attention_flops).
 
     Forward 2N, gradients of the activations 2N (needed through frozen weights too), gradients of the
     weights 2 per trainable parameter: 6N for full fine-tuning, 4N + 2*trainable for PEFT.
@@ -39,6 +40,17 @@ def training_flops_per_token(total_params: int, trainable_params: int, full_fine
     if full_finetune:
         return 6.0 * total_params
     return 4.0 * total_params + 2.0 * trainable_params
+
+
+def attention_flops(documents, layers: int, attention_dim: int) -> float:
+    """The FLOPs causal attention must do, forward and backward, over packed documents [(queries, keys), ...].
+
+    Each document's queries are its last keys (bottom-right causal): q * (k - q) + q * (q + 1) / 2 query-key pairs,
+    each 2 * attention_dim FLOPs for the scores and as many for the weighted values (4d), times 3 for the forward
+    and a backward of twice its cost; attention_dim is heads * head_dim, summed over `layers`.
+    """
+    pairs = sum(q * (k - q) + q * (q + 1) / 2 for q, k in documents)
+    return 3.0 * 4.0 * attention_dim * pairs * layers
 
 
 def peak_tflops_for(name: str, dtype: torch.dtype = torch.bfloat16) -> Optional[float]:
@@ -83,11 +95,13 @@ class Throughput:
         self.flops_per_token = flops_per_token
         self.peak_tflops = peak_tflops
         self.tokens = 0
+        self.extra_flops = 0.0
         self.start = time.perf_counter()
 
-    def add(self, tokens: int) -> None:
-        """Count tokens processed by this process."""
+    def add(self, tokens: int, extra_flops: float = 0.0) -> None:
+        """Count tokens processed by this process, and FLOPs they cost beyond flops_per_token (attention)."""
         self.tokens += tokens
+        self.extra_flops += extra_flops
 
     def exclude(self, seconds: float) -> None:
         """Leave `seconds` of the current interval out of the rate (time spent on something else, e.g. evaluation)."""
@@ -98,9 +112,9 @@ class Throughput:
         now = time.perf_counter()
         elapsed = max(now - self.start, 1e-9)
         tokens_per_s = self.tokens / elapsed
-        tflops = tokens_per_s * self.flops_per_token / 1e12
+        tflops = (self.tokens * self.flops_per_token + self.extra_flops) / elapsed / 1e12
         out = {"tokens_per_s": tokens_per_s, "tflops": tflops}
         if self.peak_tflops:
             out["mfu"] = tflops / self.peak_tflops
-        self.tokens, self.start = 0, now
+        self.tokens, self.extra_flops, self.start = 0, 0.0, now
         return out

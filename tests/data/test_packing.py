@@ -151,6 +151,8 @@ def test_collator_places_samples_as_documents(tok, reports):
     image = batch.span_index("image")
     assert image.numel() == 4 * 6 and (flat_ids[image] == tok.token_to_id("<ImageHere>")).all()
     assert owner[image].tolist() == [i for i in range(6) for _ in range(4)]  # sample order, as features come
+    # What attention must compute: the six samples, each a document of its own; padding documents left out.
+    assert sorted(batch.attention_documents()) == sorted((len(t), len(t)) for t in tokenized)
     second = collator(items[:2])
     total = batch.input_ids.numel() + second.input_ids.numel()
     assert collator.stats.padding_fraction == pytest.approx(
@@ -339,6 +341,12 @@ def test_both_dpo_layouts_feed_fused_dpo_loss_alike(tok, pairs_samples):
                                        ref_weight=reference.lm_head.weight, beta=0.1)
         losses.append((loss, metrics, sorted(batch.sample_ids[:3])))
     (shared, shared_metrics, ids_a), (padded, padded_metrics, ids_b) = losses
+    # The shared layout's rejected answers attend to [prompt, rejected]: more keys than queries.
+    shared_batch = DPOCollator(2 * longest, rows=3, builder=builder)(pairs)
+    documents = shared_batch.attention_documents()
+    assert len(documents) == 2 * len(pairs) and sum(q for q, _ in documents) == shared_batch.num_tokens
+    rejected = sorted((len(p.rejected_ids), len(p.prompt_ids) + len(p.rejected_ids)) for p in pairs)
+    assert sorted(d for d in documents if d[0] < d[1]) == rejected
     assert ids_a == ids_b
     torch.testing.assert_close(shared, padded, **FP32)
     assert shared.item() != pytest.approx(np.log(2), abs=1e-4)  # the two models really differ

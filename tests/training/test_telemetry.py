@@ -13,7 +13,7 @@ from mrgfast.training.gpu_monitor import GpuMonitor
 from mrgfast.training.metrics_log import JsonlLogger, open_tensorboard, write_scalars
 from mrgfast.training.progress import ProgressBar
 from mrgfast.training.telemetry import Telemetry
-from mrgfast.training.throughput import (Throughput, measure_cpu_tflops, peak_tflops_for,
+from mrgfast.training.throughput import (Throughput, attention_flops, measure_cpu_tflops, peak_tflops_for,
                                          training_flops_per_token)
 
 
@@ -139,6 +139,19 @@ def test_throughput_report(monkeypatch):
     assert out == pytest.approx({"tokens_per_s": 2000.0, "tflops": 2.0, "mfu": 0.5})
     meter.add(500)
     assert meter.report()["tokens_per_s"] == pytest.approx(500.0)  # the interval restarted at the report
+
+
+def test_attention_flops_count_the_causal_pairs_forward_and_backward(monkeypatch):
+    # One document of 4 tokens: 1 + 2 + 3 + 4 = 10 query-key pairs; decoding 1 query over 5 keys: 5 pairs; a shared
+    # DPO prompt: 2 queries over 6 keys see 5 and 6 keys, 11 pairs. Each pair is 4d FLOPs, x3 with the backward.
+    assert attention_flops([(4, 4)], layers=1, attention_dim=1) == 12 * 10
+    assert attention_flops([(1, 5), (2, 6)], layers=2, attention_dim=8) == 12 * 8 * (5 + 11) * 2
+    assert attention_flops([], layers=3, attention_dim=8) == 0
+    clock = iter([0.0, 1.0])
+    monkeypatch.setattr(throughput_module.time, "perf_counter", lambda: next(clock))
+    meter = Throughput(flops_per_token=1e9, peak_tflops=4.0)
+    meter.add(1000, extra_flops=1e12)  # 1 TFLOP of weight matmuls + 1 TFLOP of attention in one second
+    assert meter.report() == pytest.approx({"tokens_per_s": 1000.0, "tflops": 2.0, "mfu": 0.5})
 
 
 class FakeNvml:
