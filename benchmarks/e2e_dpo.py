@@ -50,6 +50,9 @@ FULL = dict(n=200, image_tokens=256, hidden=512, intermediate=1376, layers=4, he
             budget=2048, rows=1, batches=4, warmup=1, repeats=6)
 QUICK = dict(n=40, image_tokens=64, hidden=128, intermediate=344, layers=2, heads=4, vocab_size=8000,
              budget=512, rows=1, batches=2, warmup=1, repeats=3)
+# --scale gpu: the same 0.75B decoder as e2e_sft's, 4 pairs of up to 2048 tokens per step, Llama-2's vocabulary.
+GPU = dict(n=400, image_tokens=256, hidden=2048, intermediate=5632, layers=12, heads=16, vocab_size=32000,
+           budget=2048, rows=4, batches=4, warmup=2, repeats=5)
 BETA = 0.1
 LR = 1e-4
 MAX_GRAD_NORM = 1.0
@@ -172,7 +175,7 @@ def step_functions(setup: Setup, device: torch.device) -> dict:
 
 def main() -> None:
     """Check the DPO losses agree on the first batch, then time and memory-profile full DPO steps, alternating."""
-    run = harness.open_run(NAME, __doc__, QUICK, FULL)
+    run = harness.open_run(NAME, __doc__, QUICK, FULL, GPU)
     shape, device, dtype = run.shape, run.device, run.dtype
     data = DemoData(shape["n"], 32)
     try:

@@ -26,6 +26,9 @@ def parse_args(name: str, description: str, argv=None) -> argparse.Namespace:
     """The shared command line: `--quick` for small shapes, `--out` for the JSON path, `--set` to change a shape."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="small shapes that finish in seconds on 2 CPU cores")
+    parser.add_argument("--scale", choices=("quick", "full", "gpu"), default=None,
+                        help="the shapes: quick (= --quick), full (the default) or gpu (sizes where GPUs are the "
+                             "point, for benchmarks that define them)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / f"{name}.json",
                         help=f"where the JSON report goes (default: bench-results/{name}.json)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
@@ -159,14 +162,20 @@ class Run:
         return write_report(self.name, self.config(fields), results, self.out, self.started)
 
 
-def open_run(name: str, description: str, quick: dict, full: dict) -> Run:
-    """Every benchmark main()'s opening: parse --quick / --out / --set, snapshot the machine, pick shapes, device,
-    dtype."""
+def open_run(name: str, description: str, quick: dict, full: dict, gpu: Optional[dict] = None) -> Run:
+    """Every benchmark main()'s opening: parse --quick / --scale / --out / --set, snapshot the machine, pick shapes,
+    device, dtype."""
     args = parse_args(name, description)
-    shape = with_overrides(quick if args.quick else full, args.overrides)
+    scale = "quick" if args.quick else (args.scale or "full")
+    presets = {"quick": quick, "full": full, "gpu": gpu}
+    if presets[scale] is None:
+        raise SystemExit(f"{name}: --scale {scale}: this benchmark has no {scale} shapes (it has quick and full)")
+    if args.quick and args.scale not in (None, "quick"):
+        raise SystemExit(f"{name}: --quick and --scale {args.scale} ask for different shapes")
+    shape = with_overrides(presets[scale], args.overrides)
     started = start_run()
     device = default_device()
-    return Run(name, args.quick, args.out, shape, device, compute_dtype(device), started, tuple(args.overrides))
+    return Run(name, scale == "quick", args.out, shape, device, compute_dtype(device), started, tuple(args.overrides))
 
 
 def cycling(items: list, step: Callable[[object], object]) -> Callable[[], object]:

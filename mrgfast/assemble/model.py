@@ -47,7 +47,7 @@ def build_decoder(config: TrainConfig, vocab_size: int, device: Optional[torch.d
         if m.recipe == "ldp":  # Qwen2-VL's 3-axis rotary split, scaled to the tiny head
             half = head_dim // 2
             mrope = (half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8)
-        sizes = DecoderConfig(vocab_size=vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+        sizes = DecoderConfig(vocab_size=max(vocab_size, m.vocab_size or 0), hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
                               num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
                               num_key_value_heads=m.num_key_value_heads, mrope_section=mrope,
                               qkv_bias=m.recipe == "ldp")

@@ -43,6 +43,8 @@ class ModelSection:
     num_hidden_layers: int = 2
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
+    vocab_size: Optional[int] = None            # None: the tokenizer's; larger pads the embedding and LM head (as a
+                                                # real checkpoint's vocabulary is, e.g. to measure a full-size head)
     # Vision encoder sizes when vision_name_or_path is None: a ViT (2D) or ViT3D (rad3d) over the synthetic images.
     vision_dim: int = 32
     vision_depth: int = 1
@@ -72,6 +74,7 @@ class ModelSection:
                 "vision_cache needs a frozen vision encoder: a trained one (train_vision=true) changes its features "
                 "every step")
         require(self.vision_cache_max_gb >= 0, f"vision_cache_max_gb must be >= 0, got {self.vision_cache_max_gb}")
+        require(self.vocab_size is None or self.vocab_size >= 1, f"vocab_size must be >= 1, got {self.vocab_size}")
         require(self.num_attention_heads % self.num_key_value_heads == 0,
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
                 f"({self.num_key_value_heads})")

@@ -19,7 +19,7 @@ from benchmarks.gpu_suite.runner import run_part, run_process, run_suite
 def test_parts_run_in_order_and_every_benchmark_is_one():
     parts = all_parts(smoke=False)
     names = [p.name for p in parts]
-    assert names[0] == "tests" and names[-2:] == ["train_cuda_graphs", "profile"]
+    assert names[0] == "tests" and names[-4:] == ["train_cuda_graphs", "train_1b", "train_7b", "profile"]
     assert names[1:3] == ["lora_linear", "linear_cross_entropy"]  # the most telling kernels first
     groups = [p.group for p in parts]
     assert groups == sorted(groups, key=["tests", "kernels", "e2e", "train", "profile"].index)
@@ -27,7 +27,7 @@ def test_parts_run_in_order_and_every_benchmark_is_one():
     assert not {"harness", "variants", "e2e_common", "peers"} & set(names)
     assert {"lora_linear", "e2e_sft", "e2e_dpo", "cost_model"} <= set(names)
     assert dict(next(p for p in parts if p.name == "tests").env) == {"MRGFAST_TRITON_AUTOTUNE": "off"}
-    assert sum(p.seconds for p in parts if p.name != "hf_patch") <= parts_module.DEFAULT_BUDGET
+    assert sum(p.seconds for p in parts) <= parts_module.DEFAULT_BUDGET
 
 
 def test_benchmarks_are_found_by_what_they_are(monkeypatch, tmp_path):
@@ -44,6 +44,8 @@ def test_benchmarks_are_found_by_what_they_are(monkeypatch, tmp_path):
 def test_gpu_shapes_are_passed_as_overrides():
     part = parts_module.benchmark_part("lora_linear", smoke=False)
     assert "--quick" not in part.argv and "tokens=8192" in part.argv
+    assert parts_module.benchmark_part("e2e_sft", smoke=False).argv[-2:] == ("--scale", "gpu")
+    assert "--scale" not in parts_module.benchmark_part("e2e_sft", smoke=True).argv
     assert parts_module.benchmark_part("e2e_dpo", smoke=False).requires == ("trl",)
 
 
@@ -62,6 +64,16 @@ def test_the_training_runs_parse(smoke):
         config = parse_cli(argv)
         assert config.model.recipe == "pefomed" and config.resume == "none"
         assert (config.device, config.model.hidden_size) == (("cpu", 64) if smoke else ("cuda", 2048))
+    sizes = {"train_1b": (2048, 16, 128256), "train_7b": (3584, 28, 152064)}
+    for name, (hidden, layers, vocab) in sizes.items():
+        part = parts_module.mfu_part(name, smoke)
+        config = parse_cli([arg.replace("{work}", "/tmp/x") for arg in part.argv if "=" in arg and not
+                            arg.startswith("--")])
+        assert config.cuda_graphs and config.resume == "none"
+        if not smoke:
+            m = config.model
+            assert (m.hidden_size, m.num_hidden_layers, m.vocab_size, m.dtype) == (hidden, layers, vocab, "bfloat16")
+            assert (config.data.token_budget, config.data.rows, config.lora.r) == (4096, 4, 64)
 
 
 def test_only_takes_parts_and_groups_in_suite_order():
