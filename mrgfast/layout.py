@@ -115,10 +115,13 @@ class AttentionLayout:
                              f"got shape {tuple(self.kv_index.shape)}")
 
     def check_static(self, tokens: int) -> None:
-        """check() for device-only segments: causal, whole rows of the segments' width."""
-        if self.seg_k.on_host or self.seg_k.max_len != self.seg_q.max_len or self.kv_index is not None:
-            raise ValueError("attention layout: device-only segments (Segments.static) support the plain causal "
-                             "layout only (AttentionLayout.causal)")
+        """check() for device-only segments: whole rows of the segments' width, keys the tokens themselves
+        (AttentionLayout.causal) or gathered by a kv_index with device-only key segments (static DPO batches)."""
+        if self.seg_k.on_host or self.seg_k.max_len != self.seg_q.max_len:
+            raise ValueError("attention layout: device-only segments (Segments.static) need device-only key "
+                             "segments of the same row width")
+        if self.kv_index is not None and self.kv_index.dim() != 1:
+            raise ValueError(f"attention layout: kv_index must be 1-D, got shape {tuple(self.kv_index.shape)}")
         if tokens % self.seg_q.max_len:
             raise ValueError(f"attention layout: static segments of row width {self.seg_q.max_len} cannot cover "
                              f"{tokens} tokens")

@@ -330,9 +330,10 @@ class TrainConfig:
     # codes and faults"); these dotted keys or sections may differ from the checkpoint's config anyway, e.g.
     # [schedule.max_steps] to extend a run, [optim.lr].
     resume_allow_changes: list[str] = field(default_factory=list)
-    # SFT on CUDA: pad every batch to one static shape (mrgfast.data.static_batch) and capture forward + backward +
-    # AdamW in one CUDA graph, replayed every step. Off by default (its GPU checks: tests/training/test_cuda_graph.py,
-    # tests/train/test_loop.py); on CPU the step runs eagerly either way.
+    # SFT and DPO (dpo.layout=shared) on CUDA: pad every batch to one static shape (mrgfast.data.static_batch,
+    # static_dpo) and capture forward + backward + AdamW in one CUDA graph, replayed every step. Off by default (its
+    # GPU checks: tests/training/test_cuda_graph.py, tests/train/test_loop.py, tests/train/test_static_dpo.py); on CPU
+    # the step runs eagerly either way.
     cuda_graphs: bool = False
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -355,8 +356,9 @@ class TrainConfig:
         require(not (self.cuda_graphs and self.model.vision_cache != "off"),
                 "cuda_graphs=true cannot use model.vision_cache: a captured graph would replay one batch's cache "
                 "lookups")
-        require(not (self.cuda_graphs and self.mode == "dpo"),
-                "cuda_graphs=true supports mode=sft only: DPO's shared-prompt layout changes shape with every batch")
+        require(not (self.cuda_graphs and self.mode == "dpo" and self.dpo.layout != "shared"),
+                "cuda_graphs=true with mode=dpo needs dpo.layout=shared: the padded layout's row count (two per pair) "
+                "changes with every batch (mrgfast.data.static_dpo pads the shared layout)")
         vqa_source = None
         if self.data.dataset in ("vqa_rad", "slake"):
             vqa_source = self.data.dataset

@@ -228,6 +228,7 @@ class PackedBatch:
     dpo_cu_seqlens: Optional[Tensor] = None
     loss_rows: Optional[OutputRows] = None
     slot_index: Optional[dict] = None   # static batches (mrgfast.data.static_batch): {kind: flat positions}
+    dpo_pair_mask: Optional[Tensor] = None  # static DPO batches (mrgfast.data.static_dpo): the real pair slots
     image_digests: Optional[list] = None  # per sample, of its pixel_values (host): the feature cache's keys
 
     @property
@@ -518,7 +519,7 @@ class DPOCollator:
     each pair's images appear twice, as TRL runs them).
     Pairs longer than a row raise (a cut DPO answer would change its log-prob). The token tensors have a
     static shape; the shared layout's key stream (layout.kv_index) and the dpo_* tensors grow with the
-    prompt and answer lengths of the batch.
+    prompt and answer lengths of the batch (mrgfast.data.static_dpo pads them to a run-wide size).
     """
 
     def __init__(self, budget: int, rows: int = 1, layout: str = "shared", builder=None,

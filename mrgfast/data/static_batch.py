@@ -5,7 +5,8 @@ A captured graph bakes in shapes and every host-side value it was recorded with.
 batch. `make_static` turns those into tensors of a run-wide fixed size (StaticShape): cu_seqlens padded with empty
 documents (device-only Segments: attention reads no host bounds), pixel_values padded with blank samples, and per
 slot kind the flat positions the adapter outputs are written to, the padded samples' outputs aimed at one scratch
-row past the stream. Two batches with the same StaticShape then have equal graph signatures.
+row past the stream. Two batches with the same StaticShape then have equal graph signatures. DPO's shared-prompt
+batches (gathered keys, scored answers, pair slots) get the same treatment in mrgfast.data.static_dpo.
 """
 
 import dataclasses
@@ -38,10 +39,10 @@ class StaticShape:
 
 def make_static(batch: PackedBatch, shape: StaticShape) -> PackedBatch:
     """The host-side SFT batch with static-size document bounds, pixel values and slot indices (see module doc);
-    ValueError naming the limit when the batch exceeds `shape`, or for DPO batches (per-batch layouts)."""
+    ValueError naming the limit when the batch exceeds `shape`, or for DPO batches (mrgfast.data.static_dpo's)."""
     if batch.dpo_index is not None or batch.layout is not None:
-        raise ValueError("static shapes (cuda_graphs=true) support SFT batches only: DPO's shared-prompt layout "
-                         "changes shape with every batch")
+        raise ValueError("make_static takes SFT batches only: a DPO batch is made static by "
+                         "mrgfast.data.static_dpo.make_static_dpo (with a StaticDPOShape)")
     rows, width = batch.input_ids.shape
     bounds = batch.cu_seqlens.tolist()
     while len(bounds) > 2 and bounds[-1] == bounds[-2]:  # empty documents a collator may already have added
@@ -53,12 +54,16 @@ def make_static(batch: PackedBatch, shape: StaticShape) -> PackedBatch:
     if samples > shape.max_samples:
         raise ValueError(f"the batch has {samples} samples, more than max_samples={shape.max_samples} of its "
                          "static shape")
-    bounds += [bounds[-1]] * (shape.max_documents + 1 - len(bounds))
-    cu_seqlens = torch.tensor(bounds, dtype=batch.cu_seqlens.dtype)
+    cu_seqlens = padded_bounds(bounds, shape.max_documents, batch.cu_seqlens.dtype)
     return dataclasses.replace(batch, cu_seqlens=cu_seqlens,
                                layout=AttentionLayout.causal(Segments.static(cu_seqlens, width)),
                                pixel_values=padded_pixels(batch.pixel_values, shape.max_samples),
                                spans=[], slot_index=slot_indices(batch, shape.max_samples, rows * width))
+
+
+def padded_bounds(bounds: Sequence[int], max_documents: int, dtype: torch.dtype) -> Tensor:
+    """Document bounds [max_documents + 1]: `bounds` followed by empty documents at its end."""
+    return torch.tensor(list(bounds) + [bounds[-1]] * (max_documents + 1 - len(bounds)), dtype=dtype)
 
 
 def padded_pixels(pixel_values, max_samples: int):

@@ -83,19 +83,32 @@ def per_pair_losses(delta: Tensor, beta, loss_type: str, label_smoothing: float)
         1 - 2 * label_smoothing)
 
 
+def pair_sum(values: Tensor, pair_mask: Optional[Tensor]) -> Tensor:
+    """The sum over pairs [P], or with `pair_mask` [P] (bool) over the real pairs only (a static batch's padded
+    slots add nothing, whatever they hold); no device sync."""
+    return values.sum() if pair_mask is None else torch.where(pair_mask, values, 0).sum()
+
+
+def pair_mean(values: Tensor, pair_mask: Optional[Tensor]) -> Tensor:
+    """The mean over pairs [P], or with `pair_mask` over the real pairs only (see pair_sum)."""
+    if pair_mask is None:
+        return values.mean()
+    return pair_sum(values, pair_mask) / pair_mask.sum().clamp_min(1)
+
+
 def dpo_metrics(beta, chosen_logratios: Tensor, rejected_logratios: Tensor, policy_chosen_logps: Tensor,
-                policy_rejected_logps: Tensor) -> Dict[str, Tensor]:
-    """TRL's logged DPO metrics as detached 0-dim tensors (no .item(), so no device sync)."""
+                policy_rejected_logps: Tensor, pair_mask: Optional[Tensor] = None) -> Dict[str, Tensor]:
+    """TRL's logged DPO metrics as detached 0-dim tensors (no .item(), so no device sync), over the real pairs."""
     with torch.no_grad():
         chosen_rewards = beta * chosen_logratios.detach()
         rejected_rewards = beta * rejected_logratios.detach()
         return {
-            "rewards/chosen": chosen_rewards.mean(),
-            "rewards/rejected": rejected_rewards.mean(),
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
-            "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-            "logps/chosen": policy_chosen_logps.detach().mean(),
-            "logps/rejected": policy_rejected_logps.detach().mean(),
+            "rewards/chosen": pair_mean(chosen_rewards, pair_mask),
+            "rewards/rejected": pair_mean(rejected_rewards, pair_mask),
+            "rewards/accuracies": pair_mean((chosen_rewards > rejected_rewards).float(), pair_mask),
+            "rewards/margins": pair_mean(chosen_rewards - rejected_rewards, pair_mask),
+            "logps/chosen": pair_mean(policy_chosen_logps.detach(), pair_mask),
+            "logps/rejected": pair_mean(policy_rejected_logps.detach(), pair_mask),
         }
 
 
@@ -103,7 +116,8 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
              ref_rejected_logps: Tensor, beta=0.1, loss_type: Union[str, Sequence[str]] = "sigmoid",
              label_smoothing: float = 0.0, chosen_lengths: Optional[Tensor] = None,
              rejected_lengths: Optional[Tensor] = None,
-             loss_weights: Optional[Sequence[float]] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
+             loss_weights: Optional[Sequence[float]] = None,
+             pair_mask: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
     """Mean DPO loss over P pairs and TRL's metrics, from per-sequence summed log-probs [P] each.
 
     loss_type: "sigmoid" (with label smoothing e: conservative DPO), "hinge", "ipo" or "robust", with
@@ -111,7 +125,8 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
     loss_weights (default 1 each), where "sft" adds the chosen tokens' mean negative log-likelihood (RPO).
     "ipo" divides each log-ratio by its sequence's counted-token length (clamped to >= 1) as TRL does, and "sft"
     averages over the chosen tokens, so both need chosen_lengths and rejected_lengths [P]; the other types ignore
-    them. Metrics use the summed log-probs, as TRL logs them.
+    them. Metrics use the summed log-probs, as TRL logs them. `pair_mask` [P] (bool), for a static batch's padded
+    pair slots: means and sums run over the True pairs only.
     """
     check_dpo_args(loss_type, beta, label_smoothing, loss_weights)
     types = loss_types_of(loss_type)
@@ -137,11 +152,13 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_cho
     for name, weight in zip(types, weights):
         if name == "sft":
             # TRL's: the mean over every chosen token of the batch (unclamped counts: an empty answer adds none).
-            term = -policy_chosen.sum() / check_pair_logps("chosen_lengths", chosen_lengths.float()).sum().clamp_min(1)
+            chosen_tokens = check_pair_logps("chosen_lengths", chosen_lengths.float())
+            term = -pair_sum(policy_chosen, pair_mask) / pair_sum(chosen_tokens, pair_mask).clamp_min(1)
         elif name == "ipo":
             delta = chosen_logratios / chosen_len - rejected_logratios / rejected_len
-            term = per_pair_losses(delta, beta, name, label_smoothing).mean()
+            term = pair_mean(per_pair_losses(delta, beta, name, label_smoothing), pair_mask)
         else:
-            term = per_pair_losses(chosen_logratios - rejected_logratios, beta, name, label_smoothing).mean()
+            term = pair_mean(per_pair_losses(chosen_logratios - rejected_logratios, beta, name, label_smoothing),
+                             pair_mask)
         loss = loss + weight * term
-    return loss, dpo_metrics(beta, chosen_logratios, rejected_logratios, policy_chosen, policy_rejected)
+    return loss, dpo_metrics(beta, chosen_logratios, rejected_logratios, policy_chosen, policy_rejected, pair_mask)

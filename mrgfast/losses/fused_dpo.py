@@ -58,7 +58,8 @@ def fused_dpo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, cu_seqlens: T
                    ref_hidden: Optional[Tensor] = None, ref_weight: Optional[Tensor] = None,
                    ref_bias: Optional[Tensor] = None, beta=0.1, loss_type: Union[str, Sequence[str]] = "sigmoid",
                    label_smoothing: float = 0.0, loss_weights: Optional[Sequence[float]] = None,
-                   ignore_index: int = -100, validate: bool = False) -> Tuple[Tensor, Dict[str, Tensor]]:
+                   ignore_index: int = -100, validate: bool = False,
+                   pair_mask: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
     """DPO loss and TRL's metrics from packed hidden states [N, D], never building the [N, vocab] logits.
 
     `cu_seqlens` [2P+1] packs P chosen sequences then the P rejected ones (TRL's concatenated order);
@@ -67,7 +68,8 @@ def fused_dpo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, cu_seqlens: T
     comes either precomputed (`ref_logps`: [2P] or (chosen [P], rejected [P]) summed log-probs) or as
     reference hidden states `ref_hidden` with the same packing, read through `ref_weight` / `ref_bias`
     (each defaulting to the policy's) under no_grad. loss_type / loss_weights as losses.dpo.dpo_loss (a list with
-    "sft" is RPO). Sync-free unless `validate=True`.
+    "sft" is RPO). `pair_mask` [P] (bool) leaves a static batch's padded pair slots (empty sequences) out of the
+    loss and the metrics. Sync-free unless `validate=True`.
     """
     if (ref_logps is None) == (ref_hidden is None):
         raise ValueError("pass exactly one of ref_logps (precomputed reference log-probs) or ref_hidden "
@@ -91,4 +93,4 @@ def fused_dpo_loss(hidden: Tensor, weight: Tensor, labels: Tensor, cu_seqlens: T
         ref_chosen, ref_rejected = ref_all[:num_pairs], ref_all[num_pairs:]
     return dpo_loss(policy_logps[:num_pairs], policy_logps[num_pairs:], ref_chosen, ref_rejected, beta=beta,
                     loss_type=loss_type, label_smoothing=label_smoothing, chosen_lengths=counts[:num_pairs],
-                    rejected_lengths=counts[num_pairs:], loss_weights=loss_weights)
+                    rejected_lengths=counts[num_pairs:], loss_weights=loss_weights, pair_mask=pair_mask)

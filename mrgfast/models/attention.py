@@ -197,20 +197,24 @@ def masked_sdpa(q: Tensor, k: Tensor, v: Tensor, seg_q: Segments, seg_k: Segment
 
 def static_varlen_attention(q: Tensor, k: Tensor, v: Tensor, seg_q: Segments, seg_k: Segments,
                             scale: Optional[float]) -> Tensor:
-    """varlen_attention for device-only segments (causal self-attention, no host values read): flash-attn /
-    torch varlen on CUDA half tensors (empty documents are free there), else one masked SDPA over whole rows."""
-    # Self-attention only: the keys are the queries' own tokens, so seg_q's documents are seg_k's as well.
-    if seg_k.on_host or seg_q.on_host or q.shape[0] != k.shape[0]:
-        raise ValueError("device-only segments (Segments.static) support causal self-attention only, with "
-                         "Segments.static for both queries and keys")
+    """varlen_attention for device-only segments (no host values read): flash-attn / torch varlen on CUDA half
+    tensors (empty documents are free there); else causal self-attention as one masked SDPA over whole rows, and
+    gathered keys (a static DPO batch's, more keys than queries) as one SDPA with the document mask of both cu_seqlens."""
+    if seg_k.on_host or seg_q.on_host:
+        raise ValueError("device-only segments (Segments.static) need Segments.static for both queries and keys")
+    # Keys as many as the tokens: causal self-attention (seg_k is seg_q's copy; AttentionLayout.causal). A static
+    # DPO batch's gathered key stream is always longer (every pair's prompt is gathered again).
+    self_attention = q.shape[0] == k.shape[0]
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
     backend = attention_backend(q)
     if backend in ("flash_attn", "torch_varlen"):
-        return fused_varlen(backend, q, k, v, seg_q, seg_q, scale)
-    # No varlen kernel: one masked SDPA over fixed-width rows, built on the device (graph-capturable; a block mask
-    # built inside a captured graph is not).
-    return row_masked_sdpa(q, k, v, seg_q, scale)
+        return fused_varlen(backend, q, k, v, seg_q, seg_k, scale)
+    # No varlen kernel: masks built on the device (graph-capturable; a block mask built inside a captured graph is
+    # not). Self-attention stays inside rows; gathered keys cross them, so their mask spans the whole stream.
+    if self_attention:
+        return row_masked_sdpa(q, k, v, seg_q, scale)
+    return masked_sdpa(q, k, v, seg_q, seg_k, scale)
 
 
 def row_masked_sdpa(q: Tensor, k: Tensor, v: Tensor, seg: Segments, scale: Optional[float]) -> Tensor:

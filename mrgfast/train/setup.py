@@ -5,7 +5,7 @@ telemetry and the NaN guard."""
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -16,6 +16,7 @@ from mrgfast.config import RESOLVED_NAME, TrainConfig, config_text
 from mrgfast.data.packing import PackedBatchSampler
 from mrgfast.data.samples import describe_stats
 from mrgfast.data.static_batch import StaticShape
+from mrgfast.data.static_dpo import StaticDPOShape
 from mrgfast.peft import load_adapter
 from mrgfast.train.resume import open_run
 from mrgfast.training.checkpoint import ADAPTER_SUFFIX, MODULES_GROUP, load_optimizer_state
@@ -48,7 +49,7 @@ class RunState:
     consumed: int                     # global micro-batches drawn so far (the sampler's resume point)
     resumed_from: Optional[Path]      # the checkpoint the run continues, or None
     sharded: bool                     # trainables and their AdamW state are FSDP2 DTensors
-    static_shape: Optional[StaticShape] = None   # CUDA graphs: every batch padded to one shape
+    static_shape: Union[StaticShape, StaticDPOShape, None] = None   # CUDA graphs: every batch padded to one shape
     ref_logps: Optional[dict] = None  # DPO with dpo.reference=precomputed: {pair id: [chosen, rejected]}
     ref_path: Optional[Path] = None
     checkpoint_files: dict = field(default_factory=dict)  # written into every checkpoint (its config.yaml)
@@ -100,11 +101,9 @@ def set_up(config: TrainConfig, ctx: DistContext) -> RunState:
         peak = telemetry.throughput.peak_tflops
         print(f"mrgfast.train: MFU against {telemetry.peak_source}: "
               f"{'unknown' if peak is None else f'{peak:.4g} TFLOP/s'}", file=sys.stderr)
-    static_shapes = config.cuda_graphs and device.type == "cuda"  # a captured graph replays fixed shapes
-    packed = pieces.packed
-    static_shape = StaticShape.for_lengths(packed.lengths, packed.budget, packed.rows) if static_shapes else None
+    static_shape = static_shape_of(config, device, pieces.packed)
     runner = StepRunner(lambda micros: train_step(pieces.wrapped, pieces.optimizer, micros, settings, params,
-                                                  static_grads=static_shapes),
+                                                  static_grads=static_shape is not None),
                         device, enabled=config.cuda_graphs)
     g = config.guard
     guard = NonFiniteGuard(device, skip=g.on_nonfinite == "skip", max_consecutive_skips=g.max_consecutive_skips,
@@ -112,6 +111,15 @@ def set_up(config: TrainConfig, ctx: DistContext) -> RunState:
     return RunState(config, ctx, out_dir, pieces, params, settings, runner, telemetry, guard, batches, step, consumed,
                     ckpt.path if ckpt else None, sharded, static_shape, ref_logps, ref_path,
                     checkpoint_files={RESOLVED_NAME: config_text(config)}, next_log={"data": data_stats})
+
+
+def static_shape_of(config: TrainConfig, device: torch.device, packed: PackedBatchSampler):
+    """The shape every batch of the run is padded to where a captured CUDA graph replays the step (cuda_graphs=true
+    on CUDA; a StaticDPOShape for mode=dpo), else None."""
+    if not (config.cuda_graphs and device.type == "cuda"):
+        return None
+    shape = StaticDPOShape if config.mode == "dpo" else StaticShape
+    return shape.for_lengths(packed.lengths, packed.budget, packed.rows)
 
 
 def decoder_flops_per_token(decoder: nn.Module) -> float:

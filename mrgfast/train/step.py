@@ -5,6 +5,7 @@ a step."""
 import torch
 from torch import nn
 
+from mrgfast.data.static_dpo import StaticDPOShape, padded_pair_values
 from mrgfast.train.setup import RunState
 from mrgfast.training.distributed import all_reduce_max, all_reduce_sum
 from mrgfast.training.guards import max_abs
@@ -26,9 +27,7 @@ def take_step(state: RunState) -> tuple:
     shares = [torch.ones((), device=device) if config.mode == "sft" else c / norm for c in counts]
     digest_images = state.core.feature_cache is not None  # cache keys hashed on the host, outside the step
     micros = [MicroBatch(prepare(b, device, state.static_shape, digest_images), norm, share,
-                         None if state.ref_logps is None else
-                         batch_reference_logps(state.ref_logps, b, state.ref_path).to(device))
-              for b, share in zip(host, shares)]
+                         reference_logps(state, b)) for b, share in zip(host, shares)]
     lr = state.pieces.schedule.get_last_lr()[0]
     outputs = state.runner(micros)
     state.step += 1
@@ -40,6 +39,17 @@ def take_step(state: RunState) -> tuple:
     state.telemetry.step_done(tokens, attention_flops(documents, decoder.num_hidden_layers,
                                                       decoder.num_attention_heads * decoder.head_dim))
     return outputs, lr
+
+
+def reference_logps(state: RunState, batch):
+    """The precomputed reference log-probs of a host-side DPO batch on the device (at a static batch's pair
+    slots), or None when the step computes its reference itself."""
+    if state.ref_logps is None:
+        return None
+    logps = batch_reference_logps(state.ref_logps, batch, state.ref_path)
+    if isinstance(state.static_shape, StaticDPOShape):
+        logps = padded_pair_values(logps, state.static_shape.max_pairs)
+    return logps.to(state.ctx.device)
 
 
 def check_guard(state: RunState) -> int:

@@ -6,7 +6,8 @@ static copies of the input tensors and replays the graph, copying each new batch
 bakes in everything host-side (shapes, document bounds, spans), so each input's host `signature` must match
 the captured one; a step whose signature differs runs eagerly and is counted in `eager_steps` (logged), never
 silently. train() feeds it static batches (mrgfast.data.static_batch.make_static: fixed-size document bounds,
-images and slot indices, no host values), whose signatures are all equal, so every step after the warm-up replays.
+images and slot indices, no host values; mrgfast.data.static_dpo.make_static_dpo for DPO), whose signatures are all
+equal, so every step after the warm-up replays.
 """
 
 import dataclasses

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from mrgfast.common.files import atomic_write
 from mrgfast.data.packing import IGNORE_INDEX, PackedBatch
 from mrgfast.data.static_batch import StaticShape, make_static
+from mrgfast.data.static_dpo import StaticDPOShape, make_static_dpo
 from mrgfast.layout import AttentionLayout, OutputRows, Segments
 from mrgfast.losses.dpo_inputs import dpo_loss_inputs, dpo_sequence_logps
 from mrgfast.losses.fused_dpo import fused_dpo_loss
@@ -39,7 +40,7 @@ class MicroBatch:
     batch: PackedBatch
     num_items: Tensor                 # SFT: supervised tokens of the whole global batch (all micro-batches, ranks)
     weight: Tensor                    # DPO: pairs here / pairs in the global batch
-    ref_logps: Optional[Tensor] = None
+    ref_logps: Optional[Tensor] = None  # [2P], or [2 x pair slots] for a static batch (padded_pair_values)
 
 
 @dataclass
@@ -83,13 +84,14 @@ def pair_count(batch: PackedBatch) -> int:
     return (batch.dpo_cu_seqlens.numel() - 1) // 2
 
 
-def prepare(batch: PackedBatch, device: torch.device, static_shape: Optional[StaticShape] = None,
-            digest_images: bool = False) -> PackedBatch:
+def prepare(batch: PackedBatch, device: torch.device,
+            static_shape: Union[StaticShape, StaticDPOShape, None] = None, digest_images: bool = False) -> PackedBatch:
     """The batch on `device` with its attention layout built on the host first (the decoder would otherwise
     read cu_seqlens back from the device inside the step).
 
     With `static_shape` (CUDA graphs replay fixed shapes) the batch becomes a static one (make_static: fixed
-    [rows, budget], padded documents, samples and slot indices, no host values the step reads). Without it, two
+    [rows, budget], padded documents, samples and slot indices, no host values the step reads; make_static_dpo for
+    a StaticDPOShape: also padded key gathers, answer tokens and pair slots). Without it, two
     savings that change shapes from batch to batch: the padding past the widest row's last sample is cut off
     (PackedBatch.trimmed), and an SFT batch gets `loss_rows`, each document's rows from its first supervised
     position on: most positions of a multimodal batch are visual or prompt tokens without a label, and neither
@@ -99,7 +101,8 @@ def prepare(batch: PackedBatch, device: torch.device, static_shape: Optional[Sta
     if digest_images and isinstance(batch.pixel_values, Tensor) and batch.image_digests is None:
         batch.image_digests = [tensor_digest(sample) for sample in batch.pixel_values]
     if static_shape is not None:
-        return make_static(batch, static_shape).to(device)
+        static = make_static_dpo if isinstance(static_shape, StaticDPOShape) else make_static
+        return static(batch, static_shape).to(device)
     batch = batch.trimmed()
     if batch.layout is None:
         total = batch.input_ids.numel()
@@ -138,7 +141,8 @@ def sft_loss(model: nn.Module, micro: MicroBatch) -> Tensor:
 
 def dpo_loss(model: nn.Module, micro: MicroBatch, settings: StepSettings) -> tuple:
     """(DPO loss weighted by this micro-batch's share of the global pairs, metrics) from the fused head; the
-    reference is precomputed or the same model with its adapters disabled."""
+    reference is precomputed or the same model with its adapters disabled (the same Python calls every step, so a
+    captured graph holds both passes). A static batch's padded pair slots count in neither loss nor metrics."""
     hidden = model(micro.batch)
     weight, bias = head(model)
     ref_hidden = None
@@ -151,7 +155,8 @@ def dpo_loss(model: nn.Module, micro: MicroBatch, settings: StepSettings) -> tup
                              ref_hidden=None if ref_hidden is None else ref_hidden.to(weight.dtype))
     loss, metrics = fused_dpo_loss(**inputs, weight=weight, bias=bias, ref_logps=micro.ref_logps,
                                    beta=settings.beta, loss_type=settings.loss_type,
-                                   label_smoothing=settings.label_smoothing, loss_weights=settings.loss_weights)
+                                   label_smoothing=settings.label_smoothing, loss_weights=settings.loss_weights,
+                                   pair_mask=micro.batch.dpo_pair_mask)
     return loss * micro.weight, {k: metrics[k].detach() * micro.weight for k in DPO_METRICS}
 
 

@@ -90,7 +90,7 @@ def test_rpo_is_a_list_of_loss_types_with_weights():
     (["dpo.loss_type=[sigmoid,kto]"], r"config key 'dpo.loss_type': expected one of 'sigmoid', .* or a list of"),
     (["dpo.loss_type=sft"], r"config section 'dpo': loss_type 'sft' alone is supervised fine-tuning"),
     (["config=a.yaml", "config=b.yaml"], r"config= given twice"),
-    (["mode=dpo", "cuda_graphs=true"], r"cuda_graphs=true supports mode=sft only"),
+    (["mode=dpo", "dpo.layout=padded", "cuda_graphs=true"], r"cuda_graphs=true with mode=dpo needs dpo.layout=shared"),
     (["model.vision_cache=memory", "cuda_graphs=true"], r"cuda_graphs=true cannot use model.vision_cache"),
     (["model.vision_cache=disk", "model.train_vision=true"], r"vision_cache needs a frozen vision encoder"),
     (["model.vision_cache=yes"], r"config key 'model.vision_cache': expected one of 'off', 'memory', 'disk'"),

@@ -228,6 +228,23 @@ def test_combined_loss_is_the_weighted_sum_and_sft_is_the_chosen_token_nll():
     assert all(torch.equal(metrics[k], rpo_metrics[k]) for k in metrics)  # the metrics are the preference's
 
 
+@pytest.mark.parametrize("loss_type", [["sigmoid", "sft"], "ipo", "hinge"])
+def test_pair_mask_leaves_padded_slots_out_of_loss_and_metrics(loss_type):
+    real = pair_logps(num_pairs=4, seed=5)
+    # Padded slots as a static batch holds them: empty answers (log-prob 0, no tokens), then garbage to show they
+    # cannot leak in whatever they hold.
+    padded = [torch.cat([t, t.new_zeros(3)]) for t in real]
+    padded[0][-1] = 1e6
+    mask = torch.arange(7) < 4
+    kwargs = dict(beta=0.3, loss_type=loss_type)
+    loss, metrics = dpo_loss(*real[:4], chosen_lengths=real[4], rejected_lengths=real[5], **kwargs)
+    loss_p, metrics_p = dpo_loss(*padded[:4], chosen_lengths=padded[4], rejected_lengths=padded[5],
+                                 pair_mask=mask, **kwargs)
+    torch.testing.assert_close(loss_p, loss)
+    for key in METRIC_NAMES:
+        torch.testing.assert_close(metrics_p[key], metrics[key], msg=key)
+
+
 def test_bad_shapes_raise():
     pc, pr, rc, rr, lc, _ = pair_logps()
     with pytest.raises(ValueError, match="policy_chosen_logps"):

@@ -231,8 +231,33 @@ def test_static_segments_match_dense_reference(dtype, heads, kv_heads):
 def test_static_segments_refuse_other_layouts():
     seg = static_segments(STATIC_ROWS, 12, documents=9)
     x = torch.zeros(36, 2, 8)
-    with pytest.raises(ValueError, match="causal self-attention only"):
+    with pytest.raises(ValueError, match="need Segments.static for both queries and keys"):
         varlen_attention(x, x, x, seg, Segments.from_lengths([12, 12, 12], "cpu"))
+
+
+# Two rows of width 12 in DPO's shared layout: [prompt 3, chosen 4, rejected 2, padding 3] and [prompt 2, chosen 3,
+# rejected 3, padding 4]. Query documents: prompt + chosen, rejected, padding; the rejected answer's keys gather
+# its prompt first. Key gathers are padded to 40 entries and both bounds to 9 documents, as make_static_dpo does.
+GATHERED_Q = [7, 2, 3, 5, 3, 4]
+GATHERED_K = [7, 5, 3, 5, 5, 4]
+GATHERED_INDEX = [*range(7), 0, 1, 2, 7, 8, 9, 10, 11, *range(12, 17), 12, 13, 17, 18, 19, 20, 21, 22, 23]
+
+
+def test_static_segments_with_gathered_keys_match_dense_reference():
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(24, 4, 8, generator=g).requires_grad_()
+    k, v = (torch.randn(24, 2, 8, generator=g).requires_grad_() for _ in range(2))
+    index = torch.tensor(GATHERED_INDEX + [0] * (40 - len(GATHERED_INDEX)))
+    seg_q = static_segments([GATHERED_Q[:3], GATHERED_Q[3:]], 12, documents=9)
+    seg_k = Segments.static(torch.tensor([0, 7, 12, 15, 20, 25, 29, 29, 29, 29], dtype=torch.int32), 12)
+    out = varlen_attention(q, k.index_select(0, index), v.index_select(0, index), seg_q, seg_k)
+    real = index[:len(GATHERED_INDEX)]
+    ref = reference_attention(q, k.index_select(0, real), v.index_select(0, real), GATHERED_Q, GATHERED_K)
+    torch.testing.assert_close(out, ref, **TOLERANCE[torch.float32])
+    grad_out = torch.randn(q.shape, generator=g)
+    for name, grad, ref_grad in zip("qkv", torch.autograd.grad(out, (q, k, v), grad_out),
+                                    torch.autograd.grad(ref, (q, k, v), grad_out)):
+        torch.testing.assert_close(grad, ref_grad, **TOLERANCE[torch.float32], msg=name)
 
 
 @pytest.mark.gpu

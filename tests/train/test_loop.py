@@ -134,7 +134,7 @@ def test_static_batches_of_different_layouts_share_one_graph_signature(cache, tm
         make_static(batches[0], StaticShape(max_documents=1, max_samples=64))
     dpo = build_all(tiny(cache, tmp_path / "dpo", "mode=dpo"), torch.device("cpu"))
     (pairs,), _ = host_batches(dpo, 1)
-    with pytest.raises(ValueError, match="support SFT batches only"):
+    with pytest.raises(ValueError, match="make_static takes SFT batches only"):
         make_static(pairs, shape)
 
 

@@ -2,7 +2,7 @@
 (skipped without it) a whole training step (forward, backward, clipping, fused capturable AdamW with a tensor LR)
 captured in a CUDA graph and replayed matches the same steps run eagerly, and so does the real training step
 (MultimodalLM + LoRA + fused loss + capturable AdamW) on static batches of different packing layouts, captured and
-replayed by StepRunner."""
+replayed by StepRunner, and the DPO step on static shared-prompt batches (both reference settings)."""
 
 import copy
 
@@ -14,11 +14,12 @@ from torch import nn
 from mrgfast.assemble import build_all
 from mrgfast.common.rng import seed_everything
 from mrgfast.data.static_batch import StaticShape
+from mrgfast.data.static_dpo import StaticDPOShape, padded_pair_values
 from mrgfast.training.cuda_graph import StepRunner, signature
 from mrgfast.training.guards import NonFiniteGuard
 from mrgfast.training.optim import build_adamw
 from mrgfast.training.schedule import WarmupSchedule
-from mrgfast.training.steps import MicroBatch, StepSettings, prepare, supervised_tokens, train_step
+from mrgfast.training.steps import MicroBatch, StepSettings, pair_count, prepare, supervised_tokens, train_step
 from tests.tiny_run import cache  # noqa: F401 (a fixture)
 from tests.tiny_run import host_batches, tiny, tiny_cuda
 
@@ -142,5 +143,50 @@ def test_step_runner_replay_matches_eager(tmp_path):
     (eager_losses, eager_params, _), (graph_losses, graph_params, runner) = results
     assert runner.replays == RUNNER_STEPS - 2 and runner.eager_steps == 2
     torch.testing.assert_close(graph_losses, eager_losses, rtol=1e-4, atol=1e-5)
+    for a, b in zip(graph_params, eager_params):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def dpo_micro_batches(pieces, device, precomputed: bool):
+    """Static DPO micro-batches of two packing groups with different pair counts (made-up reference log-probs at
+    the pair slots when `precomputed`): both replay the same captured graph."""
+    packed = pieces.packed
+    shape = StaticDPOShape.for_lengths(packed.lengths, packed.budget, packed.rows)
+    one = torch.ones((), device=device)
+    out = []
+    for group in packed.batches()[:2]:
+        batch = pieces.collator([pieces.dataset[i] for i in group])
+        pairs = pair_count(batch)
+        ref = padded_pair_values(-torch.arange(1.0, 2 * pairs + 1) * 7.0, shape.max_pairs).to(device)
+        out.append([MicroBatch(prepare(batch, device, shape), one, one, ref if precomputed else None)])
+    assert signature(out[0]) == signature(out[1])
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("reference", ["disabled_adapters", "precomputed"])
+def test_dpo_step_runner_replay_matches_eager(tmp_path, reference):
+    device = torch.device("cuda")
+    config = tiny_cuda(tmp_path, "mode=dpo", "data.rows=2", f"dpo.reference={reference}")
+    settings = StepSettings(mode="dpo", beta=0.5, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5])
+    results = []
+    for graphed in (False, True):
+        seed_everything(0)
+        pieces = build_all(config, device)
+        params = [p for p in pieces.model.parameters() if p.requires_grad]
+        inputs = dpo_micro_batches(pieces, device, reference == "precomputed")
+        runner = StepRunner(lambda m: train_step(pieces.model, pieces.optimizer, m, settings, params,
+                                                 static_grads=True), device, enabled=graphed, warmup=2)
+        outputs = []
+        for step in range(RUNNER_STEPS):
+            out = runner(inputs[step % 2])
+            outputs.append(torch.stack([out[k].detach().float().reshape(()) for k in sorted(out)]).clone())
+            pieces.schedule.step()
+        torch.cuda.synchronize()
+        results.append((torch.stack(outputs).cpu(), [p.detach().cpu().clone() for p in params], runner))
+    (eager_out, eager_params, _), (graph_out, graph_params, runner) = results
+    assert runner.replays == RUNNER_STEPS - 2 and runner.eager_steps == 2
+    torch.testing.assert_close(graph_out, eager_out, rtol=1e-4, atol=1e-5)  # loss, grad_norm and the DPO metrics
     for a, b in zip(graph_params, eager_params):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
