@@ -12,16 +12,14 @@ if __package__ in (None, ""):
 import torch
 
 from benchmarks import harness
-from benchmarks.variants import check_regions, compiled_variant, op_config, region_step, with_compile_ratios
+from benchmarks.variants import REGION_HEADLINE, compiled_variant, measure_regions, op_config
 from mrgfast.ops.rms_norm import IMPLEMENTED, reference_rms_norm, rms_norm
 
 NAME = "rms_norm"
 # Cases: (tokens, hidden). Full: a 1B-class step (Llama-3.2-1B's hidden 2048, 4 x 4096 tokens).
 FULL = dict(cases={"add_norm": (16384, 2048)}, warmup=2, repeats=9)
 QUICK = dict(cases={"add_norm": (512, 256)}, warmup=2, repeats=9)
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}  # max |diff| relative to max |expected|
 STEP = "normed, stream = rms_norm(block_out, weight, eps, residual=stream); both backward; weight frozen"
-HEADLINE = "eager / mrgfast time and mrgfast / eager peak memory; the compile variant's figures beside them"
 
 
 def measure_add_norm(run: harness.Run, case: str, tokens: int, hidden: int) -> dict:
@@ -35,18 +33,15 @@ def measure_add_norm(run: harness.Run, case: str, tokens: int, hidden: int) -> d
     fns = {"eager": lambda: reference_rms_norm(block_out, weight, 1e-5, stream),
            "mrgfast": lambda: rms_norm(block_out, weight, 1e-5, stream),
            "compile": lambda: compiled(block_out, weight, 1e-5, stream)}
-    check_regions(NAME, case, fns, [block_out, stream], upstream, TOLERANCE[run.dtype])
-    result = harness.measure_case({n: region_step(f, upstream) for n, f in fns.items()}, run.device,
-                                  run.shape["warmup"], run.shape["repeats"], baseline="eager", candidate="mrgfast",
-                                  reset=lambda: [setattr(t, "grad", None) for t in (block_out, stream)])
-    return {**with_compile_ratios(result), "shape": dict(tokens=tokens, hidden=hidden)}
+    result = measure_regions(NAME, run, case, fns, [block_out, stream], upstream)
+    return {**result, "shape": dict(tokens=tokens, hidden=hidden)}
 
 
 def main() -> None:
     """Check the variants agree, then time and memory-profile them."""
     run = harness.open_run(NAME, __doc__, QUICK, FULL)
     results = {case: measure_add_norm(run, case, *shape) for case, shape in run.shape["cases"].items()}
-    run.report(op_config(run, NAME, IMPLEMENTED, STEP, HEADLINE), results)
+    run.report(op_config(run, NAME, IMPLEMENTED, STEP, REGION_HEADLINE), results)
 
 
 if __name__ == "__main__":

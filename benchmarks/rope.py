@@ -11,16 +11,14 @@ if __package__ in (None, ""):
 import torch
 
 from benchmarks import harness
-from benchmarks.variants import check_regions, compiled_variant, op_config, region_step, with_compile_ratios
+from benchmarks.variants import REGION_HEADLINE, compiled_variant, measure_regions, op_config
 from mrgfast.ops.rope import IMPLEMENTED, reference_rope, rope
 
 NAME = "rope"
 # Cases: (tokens, q heads, kv heads, head_dim). Full: Llama-3.2-1B's attention (32 / 8 heads of 64), 4 x 4096 tokens.
 FULL = dict(cases={"q_and_k": (16384, 32, 8, 64)}, warmup=2, repeats=9)
 QUICK = dict(cases={"q_and_k": (512, 4, 2, 64)}, warmup=2, repeats=9)
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}  # max |diff| relative to max |expected|
 STEP = "rope(q, cos, sin), rope(k, cos, sin); both backward; cos/sin fp32 tables of random positions"
-HEADLINE = "eager / mrgfast time and mrgfast / eager peak memory; the compile variant's figures beside them"
 
 
 def measure_q_and_k(run: harness.Run, case: str, tokens: int, heads: int, kv_heads: int, head_dim: int) -> dict:
@@ -34,19 +32,15 @@ def measure_q_and_k(run: harness.Run, case: str, tokens: int, heads: int, kv_hea
     fns = {"eager": lambda: (reference_rope(q, cos, sin), reference_rope(k, cos, sin)),
            "mrgfast": lambda: (rope(q, cos, sin), rope(k, cos, sin)),
            "compile": lambda: (compiled(q, cos, sin), compiled(k, cos, sin))}
-    check_regions(NAME, case, fns, [q, k], upstream, TOLERANCE[run.dtype])
-    result = harness.measure_case({n: region_step(f, upstream) for n, f in fns.items()}, run.device,
-                                  run.shape["warmup"], run.shape["repeats"], baseline="eager", candidate="mrgfast",
-                                  reset=lambda: [setattr(t, "grad", None) for t in (q, k)])
-    return {**with_compile_ratios(result), "shape": dict(tokens=tokens, heads=heads, kv_heads=kv_heads,
-                                                         head_dim=head_dim)}
+    result = measure_regions(NAME, run, case, fns, [q, k], upstream)
+    return {**result, "shape": dict(tokens=tokens, heads=heads, kv_heads=kv_heads, head_dim=head_dim)}
 
 
 def main() -> None:
     """Check the variants agree, then time and memory-profile them."""
     run = harness.open_run(NAME, __doc__, QUICK, FULL)
     results = {case: measure_q_and_k(run, case, *shape) for case, shape in run.shape["cases"].items()}
-    run.report(op_config(run, NAME, IMPLEMENTED, STEP, HEADLINE), results)
+    run.report(op_config(run, NAME, IMPLEMENTED, STEP, REGION_HEADLINE), results)
 
 
 if __name__ == "__main__":

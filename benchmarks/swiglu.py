@@ -11,16 +11,14 @@ if __package__ in (None, ""):
 import torch
 
 from benchmarks import harness
-from benchmarks.variants import check_regions, compiled_variant, op_config, region_step, with_compile_ratios
+from benchmarks.variants import REGION_HEADLINE, compiled_variant, measure_regions, op_config
 from mrgfast.ops.swiglu import IMPLEMENTED, reference_swiglu, swiglu
 
 NAME = "swiglu"
 # Cases: (tokens, intermediate). Full: Llama-3.2-1B's MLP (intermediate 8192), 4 x 4096 tokens.
 FULL = dict(cases={"gate_up": (16384, 8192)}, warmup=2, repeats=9)
 QUICK = dict(cases={"gate_up": (512, 704)}, warmup=2, repeats=9)
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}  # max |diff| relative to max |expected|
 STEP = "y = swiglu(gate, up); y.backward(g)"
-HEADLINE = "eager / mrgfast time and mrgfast / eager peak memory; the compile variant's figures beside them"
 
 
 def measure_gate_up(run: harness.Run, case: str, tokens: int, inner: int) -> dict:
@@ -31,18 +29,15 @@ def measure_gate_up(run: harness.Run, case: str, tokens: int, inner: int) -> dic
     compiled = compiled_variant(reference_swiglu)
     fns = {"eager": lambda: reference_swiglu(gate, up), "mrgfast": lambda: swiglu(gate, up),
            "compile": lambda: compiled(gate, up)}
-    check_regions(NAME, case, fns, [gate, up], upstream, TOLERANCE[run.dtype])
-    result = harness.measure_case({n: region_step(f, upstream) for n, f in fns.items()}, run.device,
-                                  run.shape["warmup"], run.shape["repeats"], baseline="eager", candidate="mrgfast",
-                                  reset=lambda: [setattr(t, "grad", None) for t in (gate, up)])
-    return {**with_compile_ratios(result), "shape": dict(tokens=tokens, intermediate=inner)}
+    result = measure_regions(NAME, run, case, fns, [gate, up], upstream)
+    return {**result, "shape": dict(tokens=tokens, intermediate=inner)}
 
 
 def main() -> None:
     """Check the variants agree, then time and memory-profile them."""
     run = harness.open_run(NAME, __doc__, QUICK, FULL)
     results = {case: measure_gate_up(run, case, *shape) for case, shape in run.shape["cases"].items()}
-    run.report(op_config(run, NAME, IMPLEMENTED, STEP, HEADLINE), results)
+    run.report(op_config(run, NAME, IMPLEMENTED, STEP, REGION_HEADLINE), results)
 
 
 if __name__ == "__main__":

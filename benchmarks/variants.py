@@ -1,4 +1,5 @@
-"""The variants a benchmark compares: mrgfast under a forced backend, its GPU backends, and the check that all agree."""
+"""The variants a benchmark compares: mrgfast under a forced backend, its GPU backends, the check that all agree, and
+the elementwise regions' eager / mrgfast / torch.compile comparison."""
 
 import contextlib
 import os
@@ -6,6 +7,7 @@ from typing import Callable
 
 import torch
 
+from benchmarks import harness
 from mrgfast.ops.backend import ENV_VAR, select_backend
 from mrgfast.ops.backends.native.extension import cuda_kernels_built
 
@@ -108,6 +110,21 @@ def check_regions(name: str, label: str, fns: dict, inputs: list, upstream: list
                 raise SystemExit(f"{name}: {label}: {variant} tensor {i} differs from {names[0]}: {error:.3e}")
     for t in inputs:
         t.grad = None
+
+
+# The elementwise regions' agreement (max |diff| relative to max |expected|, by dtype) and their report's headline.
+REGION_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+REGION_HEADLINE = "eager / mrgfast time and mrgfast / eager peak memory; the compile variant's figures beside them"
+
+
+def measure_regions(name: str, run, case: str, fns: dict, inputs: list, upstream: list) -> dict:
+    """An elementwise region's case: its "eager", "mrgfast" and "compile" variants checked to agree, then timed and
+    memory-profiled as forward + backward steps, with the compile variant's ratios added."""
+    check_regions(name, case, fns, inputs, upstream, REGION_TOLERANCE[run.dtype])
+    result = harness.measure_case({n: region_step(f, upstream) for n, f in fns.items()}, run.device,
+                                  run.shape["warmup"], run.shape["repeats"], baseline="eager", candidate="mrgfast",
+                                  reset=lambda: [setattr(t, "grad", None) for t in inputs])
+    return with_compile_ratios(result)
 
 
 def with_compile_ratios(result: dict) -> dict:

@@ -125,7 +125,8 @@ class DecoderLayer(nn.Module):
                 rows: Optional[OutputRows] = None) -> Tensor:
         """The block's output [T, hidden] (with `rows`: for those rows only, [len(rows.index), hidden])."""
         attended = self.self_attn(self.input_layernorm(x), cos, sin, layout, cache, rows)
-        normed, x = self.post_attention_layernorm.add_norm(attended, x if rows is None else x.index_select(0, rows.index))
+        residual = x if rows is None else x.index_select(0, rows.index)
+        normed, x = self.post_attention_layernorm.add_norm(attended, residual)
         return x + self.mlp(normed)
 
 

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from mrgfast.models.config import DecoderConfig
-from mrgfast.ops.rope import reference_rope, rotate_half  # noqa: F401 - the rotation lives with its op
+from mrgfast.ops.rope import reference_rope
 
 
 def base_inv_freq(theta, head_dim: int, device=None) -> Tensor:
