@@ -28,7 +28,7 @@ def check_against_oracle(op, oracle, inputs: dict, dtype, seed=1):
     expected = oracle(**as32)
     expected = expected if isinstance(expected, tuple) else (expected,)
     g = torch.Generator().manual_seed(seed)
-    upstream = [torch.randn(out.shape, generator=g) for out in expected]
+    upstream = [torch.randn(out.shape, generator=g).to(out.device) for out in expected]
     with torch.no_grad():  # the dtypes the eager code gives these very inputs
         native = oracle(**inputs)
     for i, (got, want, eager) in enumerate(zip(outputs, expected, native if isinstance(native, tuple) else (native,))):

@@ -74,16 +74,18 @@ def rms_norm_backward_kernel(
         tl.store(DW_PART + pid * N + cols, dw, mask=mask_d)
 
 
-def _row_configs():
-    """Candidates: rows per program and warps (the row width is fixed by the hidden size)."""
-    return [triton.Config({"BLOCK_T": t}, num_warps=w, num_stages=1) for t, w in [(1, 4), (1, 8), (2, 8), (4, 8),
-                                                                                   (4, 4), (8, 8)]]
+def _row_configs(block_d: int):
+    """Candidates for rows of `block_d` features: rows per program and warps, tiles of at most 16K elements. The
+    first (the one run untuned) is one row with about 512 features a warp."""
+    first = (1, min(16, max(4, block_d // 512)))
+    shapes = [first] + [(t, w) for t in (1, 2, 4, 8) for w in (4, 8, 16) if (t, w) != first and t * block_d <= 16384]
+    return [triton.Config({"BLOCK_T": t}, num_warps=w, num_stages=1) for t, w in shapes]
 
 
 @functools.cache
-def _tuned(kernel_name: str) -> Tuned:
+def _tuned(kernel_name: str, block_d: int) -> Tuned:
     """A row kernel under the tuner, by hidden size and the token count's power-of-two bucket."""
-    return Tuned(globals()[kernel_name], _row_configs(), key=["M", "N"], buckets=["M"])
+    return Tuned(globals()[kernel_name], _row_configs(block_d), key=["M", "N"], buckets=["M"])
 
 
 def _launch(kernel_name, grid_of, args, flags, interpret):
@@ -91,7 +93,7 @@ def _launch(kernel_name, grid_of, args, flags, interpret):
     if interpret:
         globals()[kernel_name][grid_of({"BLOCK_T": 4})](*args, **flags, BLOCK_T=4)
     else:
-        _tuned(kernel_name)(grid_of, *args, **flags)
+        _tuned(kernel_name, flags["BLOCK_D"])(grid_of, *args, **flags)
 
 
 def _check_dim(n: int) -> int:
