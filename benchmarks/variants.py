@@ -1,4 +1,5 @@
-"""The variants a benchmark compares: mrgfast under a forced backend, its GPU backends, and the check that all agree."""
+"""The variants a benchmark compares: mrgfast under a forced backend, its GPU backends, the check that all agree, and
+the elementwise regions' eager / mrgfast / torch.compile comparison."""
 
 import contextlib
 import os
@@ -6,6 +7,7 @@ from typing import Callable
 
 import torch
 
+from benchmarks import harness
 from mrgfast.ops.backend import ENV_VAR, select_backend
 from mrgfast.ops.backends.native.extension import cuda_kernels_built
 
@@ -71,3 +73,63 @@ def op_config(run, op: str, implemented: tuple, step: str, headline: str) -> dic
 def training_step(fn, x, g):
     """One training step as a no-argument function: forward, backward with the fixed g."""
     return lambda: fn(x).backward(g)
+
+
+def compiled_variant(fn: Callable) -> Callable:
+    """fn under torch.compile (inductor): the alternative to a hand-written kernel for elementwise regions."""
+    return torch.compile(fn)
+
+
+def outputs_of(fn: Callable) -> tuple:
+    """fn()'s outputs as a tuple (one tensor or several)."""
+    out = fn()
+    return out if isinstance(out, tuple) else (out,)
+
+
+def region_step(fn: Callable, upstream: list) -> Callable:
+    """One forward + backward of fn() (one or more outputs, each with its upstream gradient) as a no-argument step."""
+    return lambda: torch.autograd.backward(outputs_of(fn), upstream)
+
+
+def check_regions(name: str, label: str, fns: dict, inputs: list, upstream: list, tolerance: float) -> None:
+    """Every variant of a multi-input region against the first: each output and each input's gradient; exit non-zero
+    on a mismatch."""
+    def run(fn):
+        for t in inputs:
+            t.grad = None
+        outputs = outputs_of(fn)
+        torch.autograd.backward(outputs, upstream)
+        return [o.detach().clone() for o in outputs] + [t.grad.clone() for t in inputs if t.requires_grad]
+
+    names = list(fns)
+    want = run(fns[names[0]])
+    for variant in names[1:]:
+        for i, (a, b) in enumerate(zip(run(fns[variant]), want)):
+            error = relative_error(a, b)
+            if not error <= tolerance:
+                raise SystemExit(f"{name}: {label}: {variant} tensor {i} differs from {names[0]}: {error:.3e}")
+    for t in inputs:
+        t.grad = None
+
+
+# The elementwise regions' agreement (max |diff| relative to max |expected|, by dtype) and their report's headline.
+REGION_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+REGION_HEADLINE = "eager / mrgfast time and mrgfast / eager peak memory; the compile variant's figures beside them"
+
+
+def measure_regions(name: str, run, case: str, fns: dict, inputs: list, upstream: list) -> dict:
+    """An elementwise region's case: its "eager", "mrgfast" and "compile" variants checked to agree, then timed and
+    memory-profiled as forward + backward steps, with the compile variant's ratios added."""
+    check_regions(name, case, fns, inputs, upstream, REGION_TOLERANCE[run.dtype])
+    result = harness.measure_case({n: region_step(f, upstream) for n, f in fns.items()}, run.device,
+                                  run.shape["warmup"], run.shape["repeats"], baseline="eager", candidate="mrgfast",
+                                  reset=lambda: [setattr(t, "grad", None) for t in inputs])
+    return with_compile_ratios(result)
+
+
+def with_compile_ratios(result: dict) -> dict:
+    """A measure_case result plus the torch.compile variant's standing: eager / compile time (`compile_speed_ratio`)
+    and compile / mrgfast time (`mrgfast_vs_compile`, > 1: mrgfast's kernels are the faster choice)."""
+    medians = {name: v["median_ms"] for name, v in result["variants"].items()}
+    return {**result, "compile_speed_ratio": medians[result["baseline"]] / medians["compile"],
+            "mrgfast_vs_compile": medians["compile"] / medians[result["candidate"]]}

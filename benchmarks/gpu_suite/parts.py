@@ -14,18 +14,20 @@ OPTIONAL_PACKAGES = {"flash_attn": "flash-attn", "trl": "trl", "liger_kernel": "
 # Default seconds per part: they add up to the 9-minute default budget on one H100/H200 (a larger or smaller
 # --budget scales them). The test part stays under 3 minutes.
 DEFAULT_SECONDS = {
-    "tests": 150,
-    # kernel benchmarks (120 s)
-    "lora_linear": 30, "linear_cross_entropy": 45, "grouped_projection": 20, "group_tokens": 10, "affine_prompt": 15,
-    # end-to-end benchmarks (120 s)
-    "e2e_sft": 45, "e2e_dpo": 35, "hf_patch": 20, "feature_cache": 15, "cost_model": 5,
+    "tests": 120,
+    # kernel benchmarks (160 s); the three elementwise regions each compile a torch.compile variant first
+    "lora_linear": 30, "linear_cross_entropy": 45, "grouped_projection": 20, "group_tokens": 10, "affine_prompt": 10,
+    "rms_norm": 15, "rope": 15, "swiglu": 15,
+    # end-to-end benchmarks (110 s)
+    "e2e_sft": 45, "e2e_dpo": 35, "hf_patch": 15, "feature_cache": 10, "cost_model": 5,
     # training runs (135 s): the 0.55B CUDA-graph run, then the 1B and 7B MFU runs
     "train_cuda_graphs": 25, "train_1b": 45, "train_7b": 65,
     "profile": 15,
 }
 NEW_BENCHMARK_SECONDS = 20  # a benchmark file added later, until it is given its own share
 # Most telling first, so that a budget cut short loses the least: then any others, by name.
-KERNEL_ORDER = ["lora_linear", "linear_cross_entropy", "grouped_projection", "group_tokens", "affine_prompt"]
+KERNEL_ORDER = ["lora_linear", "linear_cross_entropy", "grouped_projection", "group_tokens", "affine_prompt",
+                "rms_norm", "rope", "swiglu"]
 E2E_ORDER = ["e2e_sft", "e2e_dpo", "hf_patch", "feature_cache", "cost_model"]
 DEFAULT_BUDGET = 540.0   # seconds: 9 minutes on the GPU
 SMOKE_BUDGET = 900.0     # --cpu-smoke on 2 shared CI cores: generous, it proves the parts run rather than their speed
@@ -39,6 +41,10 @@ GPU_SHAPES = {
     "grouped_projection": dict(warmup=5, repeats=30),
     "group_tokens": dict(warmup=5, repeats=30),
     "affine_prompt": dict(warmup=5, repeats=30),
+    # The elementwise regions at their full (1B-class) shapes: 16,384 tokens, hidden 2048, intermediate 8192.
+    "rms_norm": dict(warmup=5, repeats=30),
+    "rope": dict(warmup=5, repeats=30),
+    "swiglu": dict(warmup=5, repeats=30),
 }
 # The end-to-end benchmarks run at their own `--scale gpu` shapes (a 0.75B decoder, 8192 tokens per step).
 GPU_SCALE = ("e2e_sft", "e2e_dpo")

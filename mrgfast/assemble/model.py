@@ -58,6 +58,7 @@ def build_decoder(config: TrainConfig, vocab_size: int, device: Optional[torch.d
         raise ConfigError(f"model.name_or_path: the decoder's vocabulary ({decoder.config.vocab_size}) is smaller "
                           f"than the tokenizer's ({vocab_size})")
     decoder.gradient_checkpointing = m.activation_checkpointing
+    decoder.fused_elementwise = m.fused_elementwise
     return decoder
 
 

@@ -12,7 +12,7 @@ from mrgfast.config.train_config import RESOLVED_NAME, TrainConfig, config_to_di
 # Keys (or sections) that say where and how a run goes on, not what it trains: never compared.
 FREE = ("resume", "resume_allow_changes", "output_dir", "device", "cuda_graphs", "telemetry", "checkpoint", "eval",
         "guard", "distributed", "data.num_workers", "data.cache_dir", "model.vision_cache", "model.vision_cache_dir",
-        "model.vision_cache_max_gb", "model.activation_checkpointing")
+        "model.vision_cache_max_gb", "model.activation_checkpointing", "model.fused_elementwise")
 
 
 def covers(prefixes, key: str) -> bool:

@@ -36,6 +36,10 @@ class ModelSection:
     init_from: Optional[str] = None             # a previous stage's checkpoint (step-XXXXXX) or adapter to start from
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     activation_checkpointing: bool = False
+    # How the decoder runs RMSNorm (+ residual add), RoPE and SwiGLU: eager ("off"), mrgfast's fused ops ("triton":
+    # Triton kernels on CUDA) or torch.compile'd regions ("compile"). "off" until a GPU measurement picks the faster
+    # (benchmarks/README.md, "Fused elementwise regions").
+    fused_elementwise: Literal["off", "triton", "compile"] = "off"
     group_size: int = 4                         # PeFoMed: consecutive vision tokens concatenated into one
     # Decoder sizes when name_or_path is None (the synthetic twin trains from random or demo-pretrained weights).
     hidden_size: int = 64

@@ -9,8 +9,8 @@ from mrgfast.integrations.instance import check_restorable, patched_by, replace_
 from mrgfast.integrations.models import check_known, unwrap_peft
 
 OWNER = "mrgfast.patch"
-NORMS_MISSING = ("norms=True: mrgfast has no fused RMSNorm, RoPE or SwiGLU kernels yet (issue 12), so there is "
-                 "nothing to put in; pass norms=False (the default)")
+NORMS_MISSING = ("norms=True: mrgfast's fused RMSNorm, RoPE or SwiGLU ops (mrgfast.ops.rms_norm, rope, swiglu) are not "
+                 "put into HF models yet (issue 12); pass norms=False (the default)")
 
 
 def patch(model: nn.Module, lora: bool = True, loss: bool = True, norms: bool = False,
@@ -21,7 +21,7 @@ def patch(model: nn.Module, lora: bool = True, loss: bool = True, norms: bool = 
     what the op does not implement stays on PEFT's path, with one warning naming the modules).
     loss: with labels, the loss comes from mrgfast.ops.linear_cross_entropy on the last hidden states, with
     transformers' semantics; `logits` is then None unless return_logits=True.
-    norms: fused RMSNorm / RoPE / SwiGLU, not in mrgfast yet: True raises NotImplementedError.
+    norms: fused RMSNorm / RoPE / SwiGLU, not put into HF models yet: True raises NotImplementedError.
     Every check runs before anything changes, so a refused model is left untouched.
     """
     if norms:

@@ -3,7 +3,6 @@
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -11,7 +10,8 @@ from mrgfast.layers.lora_qkv import LoRAQKV
 from mrgfast.layout import AttentionLayout, OutputRows, Segments
 from mrgfast.models.attention import varlen_attention
 from mrgfast.models.config import DecoderConfig
-from mrgfast.models.rope import RotaryEmbedding, apply_rope
+from mrgfast.models.elementwise import elementwise
+from mrgfast.models.rope import RotaryEmbedding
 
 
 class RMSNorm(nn.Module):
@@ -21,12 +21,15 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.elementwise = elementwise("off")  # how the regions run: set by Decoder.fused_elementwise
 
     def forward(self, x: Tensor) -> Tensor:
         """x / rms(x) * weight over the last dim."""
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return self.elementwise.norm(x, self.weight, self.eps)[0]
+
+    def add_norm(self, x: Tensor, residual: Tensor):
+        """(RMSNorm(residual + x), residual + x): a pre-norm block's residual add and the norm after it."""
+        return self.elementwise.norm(x, self.weight, self.eps, residual)
 
 
 class Attention(nn.Module):
@@ -43,6 +46,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hidden, kv_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(q_dim, hidden, bias=config.o_bias)
         self.fuse_qkv = True  # q/k/v LoRA through one fused op when possible (fused_qkv)
+        self.elementwise = elementwise("off")  # how RoPE runs: set by Decoder.fused_elementwise
 
     def fused_qkv(self) -> Optional[LoRAQKV]:
         """One fused q/k/v op when all three projections carry LoRA that can share it (LoRAQKV's rules), else None.
@@ -74,7 +78,7 @@ class Attention(nn.Module):
             q, k, v = fused(x)
         else:
             k, v = self.k_proj(x), self.v_proj(x)
-        k = apply_rope(k.view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
+        k = self.elementwise.rope(k.view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
         seg_q = layout.seg_q
         if rows is not None:
@@ -82,7 +86,7 @@ class Attention(nn.Module):
                                   sin.index_select(0, rows.index), rows.seg)
         if fused is None:
             q = self.q_proj(x)
-        q = apply_rope(q.view(x.shape[0], self.num_heads, self.head_dim), cos, sin)
+        q = self.elementwise.rope(q.view(x.shape[0], self.num_heads, self.head_dim), cos, sin)
         k, v = layout.gather(k, v)
         seg_k = layout.seg_k
         if cache is not None:
@@ -100,10 +104,11 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, inner, bias=bias)
         self.up_proj = nn.Linear(hidden, inner, bias=bias)
         self.down_proj = nn.Linear(inner, hidden, bias=bias)
+        self.elementwise = elementwise("off")  # how silu(gate) * up runs: set by Decoder.fused_elementwise
 
     def forward(self, x: Tensor) -> Tensor:
         """The feed-forward output, same shape as x."""
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.elementwise.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -120,15 +125,16 @@ class DecoderLayer(nn.Module):
                 rows: Optional[OutputRows] = None) -> Tensor:
         """The block's output [T, hidden] (with `rows`: for those rows only, [len(rows.index), hidden])."""
         attended = self.self_attn(self.input_layernorm(x), cos, sin, layout, cache, rows)
-        x = (x if rows is None else x.index_select(0, rows.index)) + attended
-        return x + self.mlp(self.post_attention_layernorm(x))
+        residual = x if rows is None else x.index_select(0, rows.index)
+        normed, x = self.post_attention_layernorm.add_norm(attended, residual)
+        return x + self.mlp(normed)
 
 
 class Decoder(nn.Module):
     """Llama/Qwen2-family causal decoder whose parameter names match HF's *ForCausalLM state dicts
     (`model.embed_tokens`, `model.layers.N.self_attn.q_proj`, ..., `model.norm`, `lm_head`)."""
 
-    def __init__(self, config: DecoderConfig):
+    def __init__(self, config: DecoderConfig, fused_elementwise: str = "off"):
         super().__init__()
         self.config = config
         self.model = nn.ModuleDict(dict(
@@ -138,7 +144,21 @@ class Decoder(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config)
         self.gradient_checkpointing = False
+        self.fused_elementwise = fused_elementwise
         self.tie_weights()
+
+    @property
+    def fused_elementwise(self) -> str:
+        """How RMSNorm (+ residual add), RoPE and SwiGLU run: "off" (eager, the default), "triton" (mrgfast's fused
+        ops) or "compile" (torch.compile'd regions); see mrgfast.models.elementwise."""
+        return self.model.norm.elementwise.mode
+
+    @fused_elementwise.setter
+    def fused_elementwise(self, mode: str) -> None:
+        regions = elementwise(mode)
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, Attention, MLP)):
+                module.elementwise = regions
 
     def tie_weights(self) -> None:
         """Share the embedding matrix with the LM head when the config ties them."""

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from mrgfast.models.config import DecoderConfig
+from mrgfast.ops.rope import reference_rope
 
 
 def base_inv_freq(theta, head_dim: int, device=None) -> Tensor:
@@ -81,13 +82,5 @@ class RotaryEmbedding(nn.Module):
         return freqs.cos(), freqs.sin()
 
 
-def rotate_half(x: Tensor) -> Tensor:
-    """(x1, x2) -> (-x2, x1) over the two halves of the last dim."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x [T, heads, head_dim] by the tables [T, head_dim], computed in x's dtype as HF does."""
-    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
-    return x * cos + rotate_half(x) * sin
+# HF's eager rotation of x [T, heads, head_dim] by the tables [T, head_dim], in x's dtype: the decoder's default.
+apply_rope = reference_rope

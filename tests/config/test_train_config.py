@@ -94,6 +94,8 @@ def test_rpo_is_a_list_of_loss_types_with_weights():
     (["model.vision_cache=memory", "cuda_graphs=true"], r"cuda_graphs=true cannot use model.vision_cache"),
     (["model.vision_cache=disk", "model.train_vision=true"], r"vision_cache needs a frozen vision encoder"),
     (["model.vision_cache=yes"], r"config key 'model.vision_cache': expected one of 'off', 'memory', 'disk'"),
+    (["model.fused_elementwise=on"],
+     r"config key 'model.fused_elementwise': expected one of 'off', 'triton', 'compile'"),
     (["data.clean=weird"], r"config key 'data.clean': expected one of 'iu_xray', 'mimic_cxr', 'pefomed', 'none'"),
     (["data.dataset=slake", "data.path=q.json", "data.clean=iu_xray"], r"clean is for report text; slake answers"),
 ])

@@ -49,6 +49,9 @@ KERNEL_MODULES = {
     "grouped_projection": {"cpu": "native", "cuda": "native", "triton": "triton"},
     "lora_linear": {"cpu": "torch", "triton": "triton"},
     "linear_cross_entropy": {"cpu": "torch", "triton": "triton"},
+    "rms_norm": {"triton": "triton"},
+    "rope": {"triton": "triton"},
+    "swiglu": {"triton": "triton"},
 }
 
 

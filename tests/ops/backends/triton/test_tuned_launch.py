@@ -16,7 +16,7 @@ from tests.ops.lora_cases import assert_close, keep_mask_of
 
 pytestmark = pytest.mark.triton
 
-TRITON_MODULES = ("lora_linear", "linear_cross_entropy", "grouped_projection")
+TRITON_MODULES = ("lora_linear", "linear_cross_entropy", "grouped_projection", "rms_norm")
 
 
 @pytest.fixture
@@ -103,3 +103,17 @@ def test_grouped_projection(gpu_branch, dtype, mode, grid):
                                grads_of(y_ref, as32, grad_y)):
         assert_close(got, want, dtype, name)
     assert len({event.kernel for event in gpu_branch}) == 3  # forward, dW and dX GEMMs
+
+
+@DTYPES
+def test_rms_norm(gpu_branch, monkeypatch, dtype):
+    from mrgfast.ops.backends.triton import rms_norm as triton_rms_norm
+    from mrgfast.ops.rms_norm import reference_rms_norm, rms_norm
+    from tests.ops.elementwise_cases import check_against_oracle, random
+
+    monkeypatch.setattr(triton_rms_norm, "_programs", lambda *args: 3)  # stands in for the SM count: 3 row walkers
+    g = torch.Generator().manual_seed(0)
+    inputs = dict(x=random(g, 37, 300, dtype=dtype), weight=random(g, 300, dtype=dtype), eps=1e-6,
+                  residual=random(g, 37, 300, dtype=dtype))
+    check_against_oracle(rms_norm, reference_rms_norm, inputs, dtype)
+    assert {event.kernel for event in gpu_branch} == {"rms_norm_forward_kernel", "rms_norm_backward_kernel"}
