@@ -7,11 +7,9 @@ from torch import nn
 from mrgfast.integrations.causal_lm import check_head, check_loss_function, fused_loss_forward
 from mrgfast.integrations.instance import check_restorable, patched_by, replace_forward, restore_forward
 from mrgfast.integrations.models import check_known, unwrap_peft
+from mrgfast.integrations.norms import norm_layers
 
 OWNER = "mrgfast.patch"
-NORMS_MISSING = ("norms=True: mrgfast's fused RMSNorm, RoPE or SwiGLU ops (mrgfast.ops.rms_norm, rope, swiglu) are not "
-                 "put into HF models yet (issue 12); pass norms=False (the default)")
-
 
 def patch(model: nn.Module, lora: bool = True, loss: bool = True, norms: bool = False,
           return_logits: bool = False) -> nn.Module:
@@ -21,11 +19,10 @@ def patch(model: nn.Module, lora: bool = True, loss: bool = True, norms: bool = 
     what the op does not implement stays on PEFT's path, with one warning naming the modules).
     loss: with labels, the loss comes from mrgfast.ops.linear_cross_entropy on the last hidden states, with
     transformers' semantics; `logits` is then None unless return_logits=True.
-    norms: fused RMSNorm / RoPE / SwiGLU, not put into HF models yet: True raises NotImplementedError.
+    norms: the RMSNorm and SwiGLU MLP instances compute with mrgfast.ops.rms_norm / swiglu (RoPE stays transformers':
+    see mrgfast.integrations.norms).
     Every check runs before anything changes, so a refused model is left untouched.
     """
-    if norms:
-        raise NotImplementedError(NORMS_MISSING)
     hf_model = unwrap_peft(model)
     known = check_known(hf_model, OWNER)
     if any(OWNER in patched_by(module) for module in model.modules()):
@@ -37,7 +34,8 @@ def patch(model: nn.Module, lora: bool = True, loss: bool = True, norms: bool = 
     if lora and importlib.util.find_spec("peft") is not None:  # without PEFT installed there are no PEFT layers
         from mrgfast.integrations.peft_lora import fused_lora_forward, lora_layers, mark_warned, warn_left_on_peft
         layers, left = lora_layers(model)
-    for name, module in layers + ([(type(hf_model).__name__, hf_model)] if loss else []):
+    normed = [(name, module) for name, module, _ in norm_layers(hf_model)] if norms else []
+    for name, module in layers + normed + ([(type(hf_model).__name__, hf_model)] if loss else []):
         if "forward" in module.__dict__:
             # Someone (Liger, TRL's fused LM head) already replaced this instance's forward: ours would run
             # beside theirs, not through it.
@@ -48,6 +46,9 @@ def patch(model: nn.Module, lora: bool = True, loss: bool = True, norms: bool = 
         mark_warned(layer, left.get(name, []))
     if left:
         warn_left_on_peft(left)
+    if norms:
+        for _, module, forward in norm_layers(hf_model):
+            replace_forward(module, forward, OWNER)
     if loss:
         replace_forward(hf_model, fused_loss_forward(hf_model, known, return_logits), OWNER)
     return model

@@ -12,6 +12,7 @@ import transformers
 from peft import LoraConfig, PeftModel
 
 import mrgfast
+from mrgfast.integrations import norms
 from mrgfast.integrations.instance import SAVED
 from tests.integrations.tiny import BUILDERS, batch, build, with_lora
 
@@ -249,11 +250,11 @@ def test_unknown_model_classes_are_refused_and_left_untouched():
 
 def test_refusals_happen_before_anything_changes():
     model = with_lora(build("llama"))
-    with pytest.raises(NotImplementedError, match="RMSNorm, RoPE or SwiGLU.*issue 12"):
-        mrgfast.patch(model, norms=True)
     on_head = with_lora(build("llama"), target_modules=["q_proj", "lm_head"])
     with pytest.raises(TypeError, match="lm_head is a peft.*pass loss=False"):
         mrgfast.patch(on_head)
+    with pytest.raises(TypeError, match="lm_head is a peft.*pass loss=False"):
+        mrgfast.patch(on_head, norms=True)  # the norms are not patched either
     assert forwards(model) == [] and forwards(on_head) == []
     mrgfast.patch(on_head, loss=False)  # the LoRA layers alone are fine
     with pytest.raises(ValueError, match="already patched"):
@@ -267,3 +268,32 @@ def test_importing_mrgfast_does_not_import_the_integrations():
     assert done.stdout.strip() == "mrgfast.integrations.hf"
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         mrgfast.nothing  # noqa: B018
+
+
+@pytest.mark.parametrize("arch", list(BUILDERS))
+def test_norms_put_rms_norm_and_swiglu_into_every_norm_and_mlp_with_the_same_loss_and_gradients(arch, one_thread):
+    model = with_lora(build(arch), target_modules=["q_proj", "v_proj", "gate_proj", "up_proj"])
+    inputs = batch(arch)
+    want_loss, want_grads = loss_and_grads(model, inputs)
+    mrgfast.patch(model, norms=True)
+    kinds = {type(m).__name__ for _, m in model.named_modules() if "forward" in m.__dict__}
+    assert kinds & norms.RMS_NORMS and kinds & norms.SWIGLU_MLPS  # both kinds really replaced
+    got_loss, got_grads = loss_and_grads(model, inputs)
+    torch.testing.assert_close(got_loss, want_loss, **TOL)
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], **TOL, msg=name)
+    mrgfast.unpatch(model)
+    assert forwards(model) == []
+
+
+@pytest.mark.triton
+def test_norms_on_the_triton_kernels_match_unpatched(monkeypatch, one_thread):
+    """RMSNorm's and SwiGLU's Triton kernels (in the interpreter here), as a GPU runs them."""
+    monkeypatch.setenv("MRGFAST_BACKEND", "triton")
+    model = with_lora(build("llama"), target_modules=["q_proj", "v_proj", "gate_proj"])
+    inputs = batch("llama")
+    want_loss, want_grads = loss_and_grads(model, inputs)
+    got_loss, got_grads = loss_and_grads(mrgfast.patch(model, norms=True), inputs)
+    torch.testing.assert_close(got_loss, want_loss, **TOL)
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], **TOL, msg=name)
