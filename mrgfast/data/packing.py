@@ -274,14 +274,18 @@ class PackedBatch:
     def attention_documents(self) -> list:
         """(queries, keys) of each document holding real tokens, from the host bounds (padding documents left out):
         the attention this batch must compute. Host-side batches only (before prepare)."""
-        real = (self.sample_index.reshape(-1) >= 0).tolist()
         if self.layout is not None:  # DPO's shared prompts: rejected answers attend to [prompt, rejected]
             bounds, keys = self.layout.seg_q.bounds, self.layout.seg_k.lengths
         else:
             bounds, keys = self.cu_seqlens.tolist(), None
+        # Whether each document's first token is a sample's: read at the document starts only, not every token
+        # (this runs on the host every step). A trailing empty document may start at the stream's end.
+        flat = self.sample_index.reshape(-1)
+        starts = torch.tensor(bounds[:-1], dtype=torch.long).clamp(max=max(flat.numel() - 1, 0))
+        real = (flat[starts] >= 0).tolist() if flat.numel() else [False] * len(starts)
         documents = []
         for index, (start, end) in enumerate(zip(bounds, bounds[1:])):
-            if end > start and real[start]:
+            if end > start and real[index]:
                 documents.append((end - start, end - start if keys is None else keys[index]))
         return documents
 
