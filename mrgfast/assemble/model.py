@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from mrgfast.assemble.diagnostic import prefix_classifier
 from mrgfast.config import ConfigError, TrainConfig
 from mrgfast.data.images import ImageConfig
 from mrgfast.data.volumes import VolumeConfig
@@ -79,18 +80,24 @@ def build_vision(config: TrainConfig):
     if size % m.patch_size:
         raise ConfigError(f"data.image_size: {size} must be a multiple of model.patch_size={m.patch_size}")
     if m.recipe == "rad3d_prefix":
-        vision = ViT3D((size, size, size), m.patch_size, 1, m.vision_dim, m.vision_depth, m.vision_heads)
+        # Drawn from its own RNG stream (the run's seed), whatever was built before it: the classify stage and the
+        # prefix run get the same frozen encoder, which the classifier's encoder_sha256 then confirms.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            vision = ViT3D((size, size, size), m.patch_size, 1, m.vision_dim, m.vision_depth, m.vision_heads)
         return vision, m.vision_dim, VolumeConfig(shape=(size, size, size))
     vision = ViT(size, m.patch_size, 3, m.vision_dim, m.vision_depth, m.vision_heads, cls_token=False)
     return vision, m.vision_dim, ImageConfig(size=size)
 
 
-def build_adapters(config: TrainConfig, dim: int, hidden: int) -> dict:
-    """{slot kind: adapter} of the recipe (DESIGN.md's table)."""
+def build_adapters(config: TrainConfig, dim: int, hidden: int, vision: Optional[nn.Module] = None) -> dict:
+    """{slot kind: adapter} of the recipe (DESIGN.md's table); RAD3D-Prefix's classifier checks `vision`."""
     m = config.model
     if m.recipe == "rad3d_prefix":
-        # The frozen multi-label classifier on the volume embedding (CT-RATE's 18 logits in the paper).
-        classifier = nn.Linear(dim, m.n_labels)
+        # The frozen multi-label classifier on the volume embedding (CT-RATE's 18 logits in the paper): trained by
+        # the classify stage and loaded, or random for tests (model.classifier=random). Its logits reach the mapper
+        # detached (DiagnosticPrefix runs a frozen classifier under no_grad).
+        classifier = prefix_classifier(config, vision, dim)
         heads = max(h for h in (8, 4, 2, 1) if hidden % h == 0)
         return {"prefix": DiagnosticPrefix(dim, m.n_labels, hidden, m.n_prefix, m.mapper_layers, n_heads=heads,
                                            classifier=classifier)}
@@ -122,7 +129,8 @@ def build_model(config: TrainConfig, vocab_size: int, views: int,
     vision.requires_grad_(m.train_vision)
     if hasattr(vision, "set_frozen"):
         vision.set_frozen(not m.train_vision)
-    model = MultimodalLM(decoder, vision=vision, adapters=build_adapters(config, dim, decoder.config.hidden_size),
+    adapters = build_adapters(config, dim, decoder.config.hidden_size, vision)
+    model = MultimodalLM(decoder, vision=vision, adapters=adapters,
                          feature_cache=build_feature_cache(config, media_config))
     if m.init_from is not None:
         load_initial_weights(model, Path(m.init_from))

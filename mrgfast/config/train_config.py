@@ -67,6 +67,11 @@ class ModelSection:
     n_prefix: int = 10
     mapper_layers: int = 8
     n_labels: int = 18                          # RAD3D classifier outputs (CT-RATE has 18 abnormalities)
+    # RAD3D-Prefix's diagnostic priors come from the classifier the classify stage wrote (mode=classify,
+    # configs/rad3d_classifier.yaml): its directory or classifier.safetensors. classifier=random builds a random
+    # frozen head instead: for tests only, never the paper's setting.
+    classifier_from: Optional[str] = None
+    classifier: Literal["trained", "random"] = "trained"
 
     def __post_init__(self):
         require(self.group_size >= 1, f"group_size must be >= 1, got {self.group_size}")
@@ -82,6 +87,11 @@ class ModelSection:
         require(self.num_attention_heads % self.num_key_value_heads == 0,
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
                 f"({self.num_key_value_heads})")
+        require(not (self.classifier == "random" and self.classifier_from is not None),
+                f"classifier=random and classifier_from={self.classifier_from!r} contradict each other: set one")
+        require(self.recipe == "rad3d_prefix" or (self.classifier_from is None and self.classifier == "trained"),
+                f"classifier / classifier_from are RAD3D-Prefix's diagnostic classifier; recipe {self.recipe!r} has "
+                "none")
 
 
 @dataclass
@@ -226,6 +236,23 @@ class DPOSection:
 
 
 @dataclass
+class ClassifySection:
+    """mode=classify: RAD3D-Prefix's diagnostic classifier, a linear multi-label head trained with BCE on the frozen
+    volume encoder's pooled features (full batch: the features are computed once), scored on a validation split."""
+
+    val_split: str = "valid"                    # the synthetic twin's CT validation split
+    val_path: Optional[str] = None              # ct_rate: the validation reports CSV (CT-RATE's validation_reports.csv)
+    val_labels_path: Optional[str] = None       # ct_rate: the validation multi-label CSV
+    val_image_dir: Optional[str] = None         # ct_rate: the validation volumes (default: data.image_dir)
+    threshold: float = 0.5                      # F1's decision threshold on sigmoid(logit)
+    batch_size: int = 8                         # volumes per encoder forward while the features are computed
+
+    def __post_init__(self):
+        require(0.0 < self.threshold < 1.0, f"threshold must be in (0, 1), got {self.threshold}")
+        require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
 class CheckpointSection:
     """How often checkpoints are written and how many are kept."""
 
@@ -325,7 +352,7 @@ class DistributedSection:
 class TrainConfig:
     """One training run: top-level switches plus one section per concern."""
 
-    mode: Literal["sft", "dpo"] = "sft"
+    mode: Literal["sft", "dpo", "classify"] = "sft"  # classify: RAD3D-Prefix's classifier stage (train/classify.py)
     output_dir: str = "runs/demo"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -350,6 +377,7 @@ class TrainConfig:
     guard: GuardSection = field(default_factory=GuardSection)
     distributed: DistributedSection = field(default_factory=DistributedSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    classify: ClassifySection = field(default_factory=ClassifySection)
 
     def __post_init__(self):
         require(bool(self.output_dir), "output_dir must not be empty")
@@ -379,6 +407,38 @@ class TrainConfig:
         require(not (self.eval.enabled and self.data.dataset == "preference"),
                 "eval.every_steps / eval.at_end need report or VQA samples, and data.dataset=preference has only "
                 "pairs: evaluate the checkpoints with python -m mrgfast.evaluate data.dataset=... instead")
+
+        self.check_diagnostic_classifier()
+
+    def check_diagnostic_classifier(self) -> None:
+        """RAD3D-Prefix's classifier settings: the classify stage trains one; the prefix run names one (or random)."""
+        m = self.model
+        if self.mode == "classify":
+            require(m.recipe == "rad3d_prefix",
+                    f"mode=classify trains RAD3D-Prefix's diagnostic classifier: needs model.recipe=rad3d_prefix, got "
+                    f"{m.recipe!r}")
+            require(m.classifier_from is None and m.classifier == "trained",
+                    "mode=classify trains the classifier from scratch: leave model.classifier_from and "
+                    "model.classifier unset (they are the prefix run's)")
+            require(self.data.dataset in ("synthetic", "ct_rate"),
+                    f"mode=classify needs labelled CT volumes (data.dataset synthetic or ct_rate), got "
+                    f"{self.data.dataset!r}")
+            require(self.data.dataset != "ct_rate" or (self.data.labels_path is not None
+                                                        and self.classify.val_path is not None
+                                                        and self.classify.val_labels_path is not None),
+                    "mode=classify on ct_rate needs data.labels_path, classify.val_path and classify.val_labels_path "
+                    "(the training labels and the validation reports and labels CSVs)")
+            require(self.resume in ("auto", "none"),
+                    f"mode=classify trains in one go and writes no step checkpoints: resume must be auto or none, "
+                    f"got {self.resume!r}")
+            require(not self.cuda_graphs, "mode=classify has no captured step: cuda_graphs must be false")
+            require(not self.eval.enabled, "mode=classify scores its validation split itself (classify.val_split): "
+                    "eval.every_steps / eval.at_end are for report generation")
+        elif m.recipe == "rad3d_prefix":
+            require(m.classifier_from is not None or m.classifier == "random",
+                    "model.classifier_from: RAD3D-Prefix needs its trained diagnostic classifier (the directory "
+                    "`python -m mrgfast.train config=configs/rad3d_classifier.yaml` writes); model.classifier=random "
+                    "builds a random one, for tests only")
 
     def synthetic_part(self) -> str:
         """Which part of the synthetic twin this run reads (with data.dataset=synthetic)."""

@@ -10,6 +10,7 @@ from typing import Callable, Optional
 from torch import nn
 
 from mrgfast.config import TrainConfig
+from mrgfast.train.classify import train_classifier
 from mrgfast.train.hooks import Evaluations, save
 from mrgfast.train.setup import set_up
 from mrgfast.train.step import log_step, take_step
@@ -43,9 +44,18 @@ def train(config: TrainConfig, on_step: Optional[Callable[[int, dict], None]] = 
     ctx = init_distributed(config.device, config.distributed.backend, config.distributed.timeout_s)
     try:
         with output_dir_lock(config.output_dir, ctx):
+            if config.mode == "classify":  # RAD3D-Prefix's classifier stage: no tokenizer, decoder or packing
+                return classify(config, ctx, on_step)
             return run(config, ctx, on_step)
     finally:
         teardown(ctx)
+
+
+def classify(config: TrainConfig, ctx, on_step) -> TrainResult:
+    """train() for mode=classify: the classifier directory is the run's checkpoint, its validation its evaluation."""
+    result = train_classifier(config, ctx, on_step)
+    return TrainResult(result.output_dir, result.output_dir, result.history[-1] if result.history else {},
+                       result.head, result.step, history=result.history, evaluations=[result.evaluation])
 
 
 def run(config: TrainConfig, ctx, on_step) -> TrainResult:

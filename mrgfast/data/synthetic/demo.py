@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from mrgfast.data.ct import CT_RATE_LABELS
 from mrgfast.data.r2gen import DEFAULT_REPORT_INSTRUCTION
-from mrgfast.data.synthetic.ct import CT_LABELS, render_ct, sample_ct_findings, write_ct_report
+from mrgfast.data.synthetic.ct import render_ct, sample_ct_findings, write_ct_report
 from mrgfast.data.synthetic.cxr import render_frontal, render_lateral, to_uint8
 from mrgfast.data.synthetic.findings import hallucinate_one, sample_findings
 from mrgfast.data.synthetic.reports import HABIT_RATE, habit_applies, write_habit_report, write_report
@@ -139,10 +140,12 @@ def write_ct(out: Path, seed: int, n: int, size: int) -> dict:
             writer.writerows((name, text, impression) for name, text, impression, _ in entries)
         with labels.open("w", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["VolumeName", *CT_LABELS])
-            writer.writerows((name, *(values[k] for k in CT_LABELS)) for name, _, _, values in entries)
+            # CT-RATE's 18 columns, as its multi_abnormality_labels.csv: the synthetic volumes show synthetic.ct's four
+            # findings and none of the other fourteen (0 throughout).
+            writer.writerow(["VolumeName", *CT_RATE_LABELS])
+            writer.writerows((name, *(values.get(k, 0) for k in CT_RATE_LABELS)) for name, _, _, values in entries)
         files[split] = {"reports": f"ct/{split}_reports.csv", "labels": f"ct/{split}_labels.csv"}
-    return {"ct": {"files": files, "volume_dir": "ct/volumes", "labels": list(CT_LABELS),
+    return {"ct": {"files": files, "volume_dir": "ct/volumes", "labels": list(CT_RATE_LABELS),
                    "counts": {s: len(e) for s, e in rows.items()}}}
 
 
