@@ -25,8 +25,9 @@ def prefix_classifier(config: TrainConfig, vision: Optional[nn.Module], dim: int
     # (the mapper) from the same weights.
     head = nn.Linear(dim, m.n_labels)
     if m.classifier == "random":
-        log("RANDOM (model.classifier=random): for tests only; the paper's priors come from a trained classifier "
-            "(model.classifier_from)")
+        unread = f"; model.classifier_from={m.classifier_from} not loaded" if m.classifier_from else ""
+        log(f"RANDOM (model.classifier=random{unread}): for tests only; the paper's priors come from a trained "
+            "classifier (model.classifier_from)")
         return head
     if m.classifier_from is None:  # TrainConfig refuses this too; a config built by hand may not have been checked
         raise ConfigError("model.classifier_from: RAD3D-Prefix needs its trained diagnostic classifier, or "

@@ -69,7 +69,7 @@ class ModelSection:
     n_labels: int = 18                          # RAD3D classifier outputs (CT-RATE has 18 abnormalities)
     # RAD3D-Prefix's diagnostic priors come from the classifier the classify stage wrote (mode=classify,
     # configs/rad3d_classifier.yaml): its directory or classifier.safetensors. classifier=random builds a random
-    # frozen head instead: for tests only, never the paper's setting.
+    # frozen head instead (and leaves classifier_from unread, saying so): for tests only, never the paper's setting.
     classifier_from: Optional[str] = None
     classifier: Literal["trained", "random"] = "trained"
 
@@ -87,8 +87,6 @@ class ModelSection:
         require(self.num_attention_heads % self.num_key_value_heads == 0,
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
                 f"({self.num_key_value_heads})")
-        require(not (self.classifier == "random" and self.classifier_from is not None),
-                f"classifier=random and classifier_from={self.classifier_from!r} contradict each other: set one")
         require(self.recipe == "rad3d_prefix" or (self.classifier_from is None and self.classifier == "trained"),
                 f"classifier / classifier_from are RAD3D-Prefix's diagnostic classifier; recipe {self.recipe!r} has "
                 "none")

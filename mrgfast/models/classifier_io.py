@@ -119,7 +119,7 @@ def load_classifier(path: Union[str, Path]) -> SavedClassifier:
                              f"{config_file.name} says {shape} (labels x input_dim)")
         if not tensors[name].is_floating_point() or not torch.isfinite(tensors[name]).all():
             raise ValueError(f"{weights_file}: tensor {name!r} must hold finite floating-point values")
-    head = nn.Linear(input_dim, n_labels)
+    head = torch.nn.utils.skip_init(nn.Linear, input_dim, n_labels)  # no init: loading draws nothing from the RNG
     head.load_state_dict({k: v.float() for k, v in tensors.items()})
     return SavedClassifier(head.eval().requires_grad_(False), input_dim, list(config["labels"]),
                            config["encoder_sha256"], config, config_file)

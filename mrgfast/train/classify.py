@@ -84,7 +84,8 @@ def standardizer(x: Tensor) -> tuple:
 
 def fold_standardizer(head: nn.Linear, mean: Tensor, std: Tensor) -> nn.Linear:
     """The linear head on raw features equal to `head` on standardized ones: W' = W / std, b' = b - W' mean."""
-    folded = nn.Linear(head.in_features, head.out_features).to(head.weight.device)
+    folded = torch.nn.utils.skip_init(nn.Linear, head.in_features, head.out_features, device=head.weight.device,
+                                      dtype=head.weight.dtype)
     with torch.no_grad():
         folded.weight.copy_(head.weight / std)
         folded.bias.copy_(head.bias - folded.weight @ mean)

@@ -19,3 +19,10 @@ def test_configs_carry_the_papers_settings():
     assert (wise.model.book_size, book.model.book_size) == (1, 4) and not wise.lora.enabled and wise.model.train_vision
     rad = load_config(CONFIGS / "rad3d_prefix.yaml")
     assert (rad.model.n_prefix, rad.model.n_labels, rad.optim.lr, rad.lora.enabled) == (10, 18, 2e-5, False)
+    assert rad.model.mapper_layers == 8 and rad.model.classifier_from == "runs/rad3d_classifier"
+    classify = load_config(CONFIGS / "rad3d_classifier.yaml")
+    assert classify.mode == "classify" and classify.model.classifier_from is None
+    assert classify.output_dir == rad.model.classifier_from  # stage 2 reads what stage 1 writes
+    for key in ("vision_dim", "vision_depth", "vision_heads", "patch_size", "n_labels"):  # the same encoder and head
+        assert getattr(classify.model, key) == getattr(rad.model, key)
+    assert (classify.data, classify.seed) == (rad.data, rad.seed)

@@ -36,8 +36,8 @@ def tiny(name: str, cache: Path, out: Path, *extra):
     if name == "demo":
         overrides += ["model.hidden_size=32", "model.intermediate_size=64", "model.vision_dim=16",
                       "data.synthetic_size=32", "data.token_budget=256", "data.max_length=256"]
-    if name == "rad3d_prefix":
-        overrides += ["data.synthetic_volumes=6"]
+    if name == "rad3d_prefix":  # a random classifier (tests only) and a 2-layer mapper keep it tiny
+        overrides += ["data.synthetic_volumes=6", "model.classifier=random", "model.mapper_layers=2"]
     return load_config(CONFIGS / f"{name}.yaml", overrides + list(extra))
 
 

@@ -109,7 +109,7 @@ def test_ct_runs_are_evaluated_with_their_volume_preprocessing(tmp_path_factory,
         "data.synthetic_volumes=6", "data.synthetic_volume_size=32", "data.image_size=16", "data.rows=1",
         "schedule.max_steps=2", "schedule.warmup_ratio=0", "schedule.warmup_steps=0", "checkpoint.every_steps=100",
         "telemetry.progress_bar=false", "telemetry.tensorboard=false", "resume=none", "eval.at_end=true",
-        "eval.split=valid", "eval.max_new_tokens=5"])
+        "eval.split=valid", "eval.max_new_tokens=5", "model.classifier=random", "model.mapper_layers=2"])
     result = train(config)
     assert [e["step"] for e in result.evaluations] == [2] and "report/BLEU_4" in result.evaluations[0]
     from mrgfast.assemble import load_for_eval
