@@ -76,7 +76,7 @@ def test_rpo_is_a_list_of_loss_types_with_weights():
     (["optim.lrr=1e-4"], r"unknown config key 'optim.lrr'; did you mean 'optim.lr'\?.*valid keys here: lr,"),
     (["optimizer.lr=1e-4"], r"unknown config key 'optimizer'; did you mean 'optim'\?"),
     (["optim.lr=fast"], r"config key 'optim.lr': expected a number, got 'fast'"),
-    (["mode=ppo"], r"config key 'mode': expected one of 'sft', 'dpo', got 'ppo'"),
+    (["mode=ppo"], r"config key 'mode': expected one of 'sft', 'dpo', 'classify', got 'ppo'"),
     (["lora.bias=some"], r"config key 'lora.bias': expected one of 'none', 'all', 'lora_only'"),
     (["lora.use_rslora=maybe"], r"config key 'lora.use_rslora': expected true or false"),
     (["lora.r=2.5"], r"config key 'lora.r': expected an integer"),
