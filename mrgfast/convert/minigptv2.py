@@ -62,7 +62,8 @@ def main(argv: list) -> int:
     skipped = f"; skipped {len(weights.skipped)} RoPE inv_freq buffers" if weights.skipped else ""
     print(f"mrgfast.convert: wrote {out}: llama_proj {list(weights.projector['weight'].shape)} and ln_vision ({norm}) "
           f"in {MODULES_GROUP}.safetensors; LoRA r={weights.lora_r} alpha={weights.lora_alpha} on "
-          f"{', '.join(weights.target_modules)} ({modules} modules) in {out / ADAPTER_SUFFIX}{skipped}", file=sys.stderr)
+          f"{', '.join(weights.target_modules)} ({modules} modules) in {out / ADAPTER_SUFFIX}{skipped}",
+          file=sys.stderr)
     return 0
 
 

@@ -15,9 +15,9 @@ dict every parameter that does not require grad, so "model" holds the trained on
   them, so they are skipped.
 
 `ln_vision` is in no file: base_model.py's init_vision_encoder makes it a fresh LayerNorm(1408) (eps 1e-5) and
-freezes it, so it stays at its initial weight 1 / bias 0, is never saved, and eva_vit_g.pth (the ViT alone) has no
-such key. Loading sets the projector's LayerNorm to exactly that, or to `ln_vision.weight` / `.bias` where a file
-holds them (a variant that trained it).
+freezes it, so it stays at its initial weight 1 / bias 0 and is never saved; eva_vit.py's create_eva_vit_g loads
+eva_vit_g.pth into the ViT alone, so nothing of that file reaches it. Loading sets the projector's LayerNorm to
+exactly that, or to `ln_vision.weight` / `.bias` where a file holds them (a variant that trained it).
 """
 
 import pickle
@@ -37,7 +37,8 @@ from mrgfast.peft.state import get_lora_state
 PROJ_WEIGHT, PROJ_BIAS = "llama_proj.weight", "llama_proj.bias"
 LN_VISION = ("ln_vision.weight", "ln_vision.bias")  # only in a variant that trained it (MiniGPT-v2 freezes it)
 LLM_PREFIX = "llama_model."                     # MiniGPT's attribute holding the PeftModel
-LORA_KEY = re.compile(r"^llama_model\.base_model\.model\.(?P<path>.+)\.lora_(?P<part>[AB])(?P<name>\.default)?\.weight$")
+LORA_KEY = re.compile(r"^llama_model\.base_model\.model\.(?P<path>.+)\.lora_(?P<part>[AB])(?P<name>\.default)?"
+                      r"\.weight$")
 ROPE_BUFFER = re.compile(r"^llama_model\.base_model\.model\.model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 # MiniGPT-v2's defaults (minigpt_v2.py: from_config reads lora_r / lora_alpha from the model config, 64 / 16 when
 # absent; lora_dropout is never passed on, so its __init__ default 0.05 holds).
@@ -130,7 +131,8 @@ def read_minigptv2(path) -> MiniGPTv2Weights:
         else:
             unexpected.append(key)
     if unexpected:
-        raise ValueError(f"{path}: {len(unexpected)} key(s) neither the projector nor LoRA: {few(sorted(unexpected), 5)}")
+        raise ValueError(f"{path}: {len(unexpected)} key(s) neither the projector nor LoRA: "
+                         f"{few(sorted(unexpected), 5)}")
     missing = [k for k in (PROJ_WEIGHT, PROJ_BIAS) if k not in state]
     for peft_key in adapter:  # every LoRA layer needs both halves
         other = peft_key.replace(".lora_A.", ".lora_B.") if ".lora_A." in peft_key else \
@@ -249,11 +251,15 @@ def checked_lora_targets(decoder: nn.Module, weights: MiniGPTv2Weights) -> dict[
                          f"alpha/r); the model's LoRA has lora_alpha={state.config.lora_alpha}"
                          f"{' with use_rslora' if state.config.use_rslora else ''}, which would scale it differently")
     targets = adapter_state_dict(decoder)
-    missing = sorted(source_name(k, next(iter(weights.source_keys.values()))) for k in set(targets) - set(weights.adapter))
+    like = next(iter(weights.source_keys.values()))  # the file's naming (with or without the adapter name)
+    missing = sorted(source_name(k, like) for k in set(targets) - set(weights.adapter))
     unexpected = sorted(weights.source_keys[k] for k in set(weights.adapter) - set(targets))
-    if missing or unexpected:
-        parts = ([f"{len(missing)} LoRA key(s) the model has and the file lacks: {few(missing, 5)}"] if missing else []) \
-            + ([f"{len(unexpected)} LoRA key(s) the model has no place for: {few(unexpected, 5)}"] if unexpected else [])
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} LoRA key(s) the model has and the file lacks: {few(missing, 5)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} LoRA key(s) the model has no place for: {few(unexpected, 5)}")
+    if parts:
         raise ValueError(f"{weights.path}: {'; '.join(parts)}")
     for key, target in targets.items():
         if weights.adapter[key].shape != target.shape:

@@ -78,7 +78,8 @@ def test_init_from_the_conversion_equals_init_from_the_file(source, tmp_path):
     models = []
     for init in (path, tmp_path / "out"):
         torch.manual_seed(0)  # the same random decoder and ViT under both
-        models.append(build_model(pefomed_config(tmp_path / "c", tmp_path / "r", f"model.init_from={init}"), 128, 1).model)
+        config = pefomed_config(tmp_path / "c", tmp_path / "r", f"model.init_from={init}")
+        models.append(build_model(config, vocab_size=128, views=1).model)
     mine, theirs = (dict(m.named_parameters()) for m in models)
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
     assert sorted(adapter_state_dict(models[1].decoder)) == sorted(adapter_state_dict(models[0].decoder))
