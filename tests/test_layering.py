@@ -2,7 +2,7 @@
 goes to a package of the same layer or one below, and no two packages import each other, directly or round a loop.
 
 Bottom to top: foundation -> ops -> layers/losses -> peft/models/data/metrics -> training machinery -> assembly
-(config + building a run) -> train/evaluate/onpolicy_pairs/integrations -> demo -> `__main__` entry points -> the
+(config + building a run) -> train/evaluate/onpolicy_pairs/convert/integrations -> demo -> `__main__` entry points -> the
 root package's lazy re-exports.
 """
 
@@ -33,6 +33,7 @@ LAYERS = {
     "mrgfast.train": 6,
     "mrgfast.evaluate": 6,
     "mrgfast.onpolicy_pairs": 6,
+    "mrgfast.convert": 6,            # python -m mrgfast.convert: other projects' checkpoints -> mrgfast's
     "mrgfast.integrations": 6,     # HF / PEFT / TRL drop-ins: may import ops, layers, losses, peft, models...
     "mrgfast.demo": 7,
 }

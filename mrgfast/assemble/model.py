@@ -1,5 +1,6 @@
 """Config -> the recipe's model: decoder (+ LoRA), vision encoder, slot adapters, feature cache, starting weights."""
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -8,6 +9,7 @@ import torch
 from torch import nn
 
 from mrgfast.assemble.diagnostic import prefix_classifier
+from mrgfast.common.names import few
 from mrgfast.config import ConfigError, TrainConfig
 from mrgfast.data.images import ImageConfig
 from mrgfast.data.volumes import VolumeConfig
@@ -20,6 +22,7 @@ from mrgfast.models.feature_cache import check_no_augmentation
 from mrgfast.models.vit_io import is_vit_dir, load_vit
 from mrgfast.peft import apply_lora, load_adapter
 from mrgfast.training.checkpoint import ADAPTER_SUFFIX, MANIFEST, MODULES_GROUP, copy_tensors_into, read_checkpoint
+from mrgfast.training.minigptv2 import MODULE_NAMES, load_minigptv2, read_minigptv2
 
 TEMPLATES = {"demo": "pefomed", "pefomed": "pefomed", "mrgllm_promptwise": "mrg_llm", "mrgllm_promptbook": "mrg_llm",
              "ldp": "qwen2_vl", "rad3d_prefix": "rad3d"}
@@ -117,9 +120,10 @@ def build_adapters(config: TrainConfig, dim: int, hidden: int, vision: Optional[
 
 
 def build_model(config: TrainConfig, vocab_size: int, views: int,
-                device: Optional[torch.device] = None) -> ModelParts:
+                device: Optional[torch.device] = None, init_weights: bool = True) -> ModelParts:
     """The recipe's MultimodalLM: decoder (frozen, LoRA when enabled; made on `device` when given), vision encoder,
-    adapters per slot."""
+    adapters per slot, and model.init_from's weights unless `init_weights` is False (a resumed run: its checkpoint
+    holds them)."""
     m = config.model
     decoder = build_decoder(config, vocab_size, device)
     decoder.requires_grad_(False)
@@ -132,7 +136,7 @@ def build_model(config: TrainConfig, vocab_size: int, views: int,
     adapters = build_adapters(config, dim, decoder.config.hidden_size, vision)
     model = MultimodalLM(decoder, vision=vision, adapters=adapters,
                          feature_cache=build_feature_cache(config, media_config))
-    if m.init_from is not None:
+    if m.init_from is not None and init_weights:
         load_initial_weights(model, Path(m.init_from))
     volume = m.recipe == "rad3d_prefix"
     size = getattr(media_config, "size", None)
@@ -153,15 +157,37 @@ def build_feature_cache(config: TrainConfig, media_config) -> Optional[FeatureCa
 
 
 def load_initial_weights(model: nn.Module, path: Path) -> None:
-    """Start from a previous stage: a checkpoint directory (adapter + other trainables) or an adapter directory."""
-    if (path / MANIFEST).is_file():
+    """Start from a previous stage: a checkpoint directory (adapter + other trainables), an adapter directory, or a
+    MiniGPT-v2 checkpoint file (`.pth`: PeFoMed's starting projector + LoRA, mrgfast.training.minigptv2).
+
+    A resumed run skips this (its checkpoint holds every trainable weight), so a value it would change in a frozen
+    parameter is refused: a resume could not restore it."""
+    if path.is_file():
+        weights = read_minigptv2(path)
+        with frozen_unchanged(model, MODULE_NAMES, path):  # its LoRA weights are always trained
+            load_minigptv2(model, weights)
+    elif (path / MANIFEST).is_file():
         ckpt = read_checkpoint(path)
+        modules = ckpt.tensors.get(MODULES_GROUP, {})
         if (path / ADAPTER_SUFFIX).is_dir():
             load_adapter(model.decoder, path / ADAPTER_SUFFIX)
         # The previous stage's trained modules (e.g. PeFoMed's projector) by name; copy_tensors_into checks them.
-        copy_tensors_into(model, ckpt.tensors.get(MODULES_GROUP, {}), str(path))
+        with frozen_unchanged(model, modules, path):
+            copy_tensors_into(model, modules, str(path))
     elif (path / "adapter_config.json").is_file():
         load_adapter(model.decoder, path)
     else:
-        raise ConfigError(f"model.init_from: {path} is neither a checkpoint (no {MANIFEST}) nor a PEFT adapter "
-                          "directory (no adapter_config.json)")
+        raise ConfigError(f"model.init_from: {path} is neither a checkpoint (no {MANIFEST}), a PEFT adapter "
+                          "directory (no adapter_config.json) nor a MiniGPT-v2 checkpoint file")
+
+
+@contextmanager
+def frozen_unchanged(model: nn.Module, names, path: Path):
+    """Around loading the tensors `names` into `model`: ConfigError if a frozen parameter among them changed."""
+    params = dict(model.named_parameters())
+    before = {n: params[n].detach().clone() for n in names if n in params and not params[n].requires_grad}
+    yield
+    changed = sorted(n for n, value in before.items() if not torch.equal(params[n], value))
+    if changed:
+        raise ConfigError(f"model.init_from: {path} sets {len(changed)} frozen weight(s) ({few(changed, 5)}) that "
+                          "this run does not train, so its checkpoints would not hold them for a resume")

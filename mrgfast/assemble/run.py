@@ -30,8 +30,10 @@ class Pieces:
     schedule: WarmupSchedule
 
 
-def build_all(config: TrainConfig, device: torch.device, wrap: Optional[Callable] = None) -> Pieces:
-    """Tokenizer, data, model (on `device`, then `wrap`ped for data parallelism), AdamW and schedule for `config`.
+def build_all(config: TrainConfig, device: torch.device, wrap: Optional[Callable] = None,
+              init_weights: bool = True) -> Pieces:
+    """Tokenizer, data, model (on `device`, then `wrap`ped for data parallelism), AdamW and schedule for `config`;
+    `init_weights=False` (a resumed run) leaves model.init_from unread.
 
     The optimizer is built after wrapping: FSDP2 replaces the parameters with sharded ones.
     """
@@ -44,7 +46,7 @@ def build_all(config: TrainConfig, device: torch.device, wrap: Optional[Callable
     if not samples:
         raise ConfigError(f"data: no samples read from {config.data.path or root} (split {config.data.split!r})")
     views = len(samples[0].image_paths)
-    parts = build_model(config, tokenizer.vocab_size, views, device)
+    parts = build_model(config, tokenizer.vocab_size, views, device, init_weights=init_weights)
     model = parts.model.to(device)
     builder = PromptBuilder(tokenizer, TEMPLATES[config.model.recipe], **parts.builder_kwargs)
     dataset = MedicalDataset(samples, image_config=parts.image_config, volume_config=parts.volume_config,

@@ -33,7 +33,8 @@ class ModelSection:
     vision_name_or_path: Optional[str] = None   # HF vision tower, or a demo ViT dir (vit_config.json); None: a ViT
                                                 # built from the vision_* sizes
     tokenizer_path: Optional[str] = None        # None: name_or_path's tokenizer, else the demo tokenizer (synthetic)
-    init_from: Optional[str] = None             # a previous stage's checkpoint (step-XXXXXX) or adapter to start from
+    init_from: Optional[str] = None             # a previous stage's checkpoint (step-XXXXXX) or adapter to start from,
+                                                # or MiniGPT-v2's .pth (PeFoMed); read at a run's start, not on resume
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     activation_checkpointing: bool = False
     # How the decoder runs RMSNorm (+ residual add), RoPE and SwiGLU: eager ("off"), mrgfast's fused ops ("triton":

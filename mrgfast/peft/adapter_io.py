@@ -77,13 +77,23 @@ def save_adapter(model: nn.Module, path: Union[str, Path], base_model_name_or_pa
         tensors = adapter_state_dict(model)
     else:
         tensors = checked_adapter_tensors(model, tensors, "save_adapter(tensors=...)")
-    tensors = {key: t.detach().to("cpu", copy=True).contiguous() for key, t in tensors.items()}
     if base_model_name_or_path is None:
         base_model_name_or_path = state.config.base_model_name_or_path
     if base_model_name_or_path is None:
         # PEFT records the HF model's name_or_path; a model built from a config has "" there.
         base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
     config = dataclasses.replace(state.config, base_model_name_or_path=base_model_name_or_path)
+    return write_adapter(directory, config, tensors)
+
+
+def write_adapter(path: Union[str, Path], config: LoraConfig, tensors: dict[str, Tensor]) -> Path:
+    """Write `tensors` (PEFT's keys, `base_model.model.<path>.lora_A.weight` ...) and `config` as PEFT's two files,
+    replacing both at once; returns the directory. For adapters that exist only as tensors (a converted checkpoint);
+    save_adapter writes a model's own through it."""
+    directory = Path(path)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"write_adapter: {directory} is a file; expected a directory to write the adapter into")
+    tensors = {key: t.detach().to("cpu", copy=True).contiguous() for key, t in tensors.items()}
     text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
     directory.mkdir(parents=True, exist_ok=True)
     replace_files(directory, {

@@ -68,7 +68,9 @@ def set_up(config: TrainConfig, ctx: DistContext) -> RunState:
     seed_everything(config.seed)
     fsdp = config.distributed.strategy == "fsdp" and ctx.distributed
     sharded = fsdp and config.distributed.shard_trainable
-    pieces = build_all(config, device, lambda m: shard_model(m, ctx, sharded) if fsdp else wrap_model(m, ctx, "ddp"))
+    # A resumed run's checkpoint holds every trained weight: model.init_from is for the run's start only.
+    pieces = build_all(config, device, lambda m: shard_model(m, ctx, sharded) if fsdp else wrap_model(m, ctx, "ddp"),
+                       init_weights=ckpt is None)
     core = pieces.model
     core.train()
     data_stats = dict(pieces.dataset.stats)
