@@ -103,7 +103,7 @@ def _read_timm(path: Path) -> EvaCheckpoint:
         raise ValueError(f"{config_file}: 'model_args' must be an object of timm model arguments, got "
                          f"{model_args!r}")
     state = load_file(str(weights))
-    shapes = _shapes(state, weights)
+    shapes = eva_shapes(state, weights)
     if "depth" in model_args and model_args["depth"] != shapes["depth"]:
         raise ValueError(f"{config_file}: model_args depth={model_args['depth']}, but {weights} holds "
                          f"{shapes['depth']} blocks")
@@ -125,10 +125,16 @@ def _read_lavis(file: Path) -> EvaCheckpoint:
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
         raise ValueError(f"{file}: expected a plain state dict (name -> tensor) as LAVIS saves eva_vit_g.pth, got "
                          f"{type(state).__name__}")
-    shapes = _shapes(state, file)
+    shapes = eva_shapes(state, file)
+    args = lavis_model_args(state, shapes, file, _lavis_config(file).get("num_heads"))
+    return EvaCheckpoint(file, "lavis", state, LAVIS_ARCHITECTURE, args, shapes["depth"],
+                         shapes["grid"] * shapes["patch"], shapes["patch"], dict(BLIP2_PREPROCESS))
+
+
+def lavis_model_args(state: dict, shapes: dict, file: Path, heads: Optional[int] = None) -> dict:
+    """timm Eva arguments of a LAVIS state dict: width, patch, channels, MLP width and layer scale from the tensors;
+    heads as given, else width / 88 (ViT-g/14: 1408 -> 16 heads)."""
     width = shapes["width"]
-    given = _lavis_config(file)
-    heads = given.get("num_heads")
     if heads is None:
         if width % VIT_G_HEAD_DIM:
             raise ValueError(f"{file}: width {width} is not a multiple of ViT-g's head width {VIT_G_HEAD_DIM}; give "
@@ -139,8 +145,7 @@ def _read_lavis(file: Path) -> EvaCheckpoint:
                 in_chans=shapes["channels"])
     if "blocks.0.gamma_1" in state:
         args["init_values"] = 1.0  # layer scale present (its trained values are loaded)
-    return EvaCheckpoint(file, "lavis", state, LAVIS_ARCHITECTURE, args, shapes["depth"],
-                         shapes["grid"] * shapes["patch"], shapes["patch"], dict(BLIP2_PREPROCESS))
+    return args
 
 
 def _lavis_config(file: Path) -> dict:
@@ -155,7 +160,7 @@ def _lavis_config(file: Path) -> dict:
     return args if isinstance(args, dict) else {}
 
 
-def _shapes(state: dict, file: Path) -> dict:
+def eva_shapes(state: dict, file: Path) -> dict:
     """width, block count, patch size, input channels and position grid side of an EVA state dict."""
     needed = ["patch_embed.proj.weight", "pos_embed", "cls_token"]
     missing = [k for k in needed if k not in state]

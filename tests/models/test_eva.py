@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mrgfast.models.eva import BLIP2_SELECT_LAYER, LAVIS_FILE, _timm, find_eva, interpolate_pos_embed
+from mrgfast.models.eva import (BLIP2_SELECT_LAYER, LAVIS_ARCHITECTURE, LAVIS_FILE, _timm, eva_shapes, find_eva,
+                                interpolate_pos_embed, lavis_model_args)
 from mrgfast.models.vision import VisionTower
 
 try:  # the `eva` extra; CI installs it (torch 2.14.1 + torchvision 0.29.1 + timm)
@@ -171,6 +172,23 @@ def test_lavis_heads_from_the_vit_g_head_width(tmp_path, layer_scale):
     with torch.no_grad():
         expected = block_output(model, images, 3)[:, 1:]
     torch.testing.assert_close(tower(images).features, expected, atol=1e-5, rtol=0)
+
+
+@needs_timm
+def test_full_size_vit_g_architecture_from_its_shapes():
+    # The real eva_vit_g.pth's tensors (40 blocks, width 1408, 224 px), built on the meta device: the shapes alone
+    # give timm's EVA-g (16 heads of 88, MLP 6144), and LAVIS's 39-block cut has exactly its tensors' shapes.
+    full = timm.create_model(LAVIS_ARCHITECTURE, pretrained=False, device="meta", num_classes=0)
+    state = lavis_state(full)
+    shapes = eva_shapes(state, Path("eva_vit_g.pth"))
+    assert shapes == dict(width=1408, depth=40, patch=14, channels=3, grid=16)
+    args = lavis_model_args(state, shapes, Path("eva_vit_g.pth"))
+    assert args == dict(embed_dim=1408, num_heads=16, mlp_ratio=6144 / 1408, patch_size=14, in_chans=3)
+    cut = timm.create_model(LAVIS_ARCHITECTURE, pretrained=False, device="meta", **args, depth=39, num_classes=0,
+                            global_pool="", use_fc_norm=False, use_post_transformer_norm=False)
+    assert cut.blocks[0].attn.head_dim == 88 and cut.blocks[0].mlp.fc1.out_features == 6144
+    kept = {k: v.shape for k, v in state.items() if not k.startswith("blocks.39.")}
+    assert {k: v.shape for k, v in cut.state_dict().items()} == kept
 
 
 @needs_timm
