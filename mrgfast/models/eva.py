@@ -209,11 +209,12 @@ def build_eva(checkpoint: EvaCheckpoint, blocks: int, image_size: Optional[int] 
         model = timm.create_model(checkpoint.architecture, pretrained=False, **checkpoint.model_args, depth=blocks,
                                   img_size=size, num_classes=0, global_pool="", use_fc_norm=False,
                                   use_post_transformer_norm=False, device=device, dtype=dtype)
-    except RuntimeError as err:  # timm: "Unknown model (...)"
-        raise ValueError(f"{checkpoint.file}: timm cannot build architecture {checkpoint.architecture!r}: {err}") from None
+    except (RuntimeError, TypeError) as err:  # timm: "Unknown model (...)"; model_args this timm lacks
+        raise ValueError(f"{checkpoint.file}: timm cannot build architecture {checkpoint.architecture!r}: "
+                         f"{err}") from None
     if model.num_prefix_tokens != 1 or model.pos_embed is None:
-        raise ValueError(f"{checkpoint.file}: {checkpoint.architecture} is not a class-token ViT with absolute position "
-                         "embeddings (BLIP-2's EVA-g is)")
+        raise ValueError(f"{checkpoint.file}: {checkpoint.architecture} is not a class-token ViT with absolute "
+                         "position embeddings (BLIP-2's EVA-g is)")
     state = _kept(checkpoint.state, blocks)
     grid = size // checkpoint.patch_size
     if state["pos_embed"].shape[1] != grid * grid + 1:
@@ -241,8 +242,8 @@ def _check_state(model: nn.Module, state: dict, file: Path) -> None:
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(expected[k].shape)})" for k in sorted(set(state) & set(expected))
-             if state[k].shape != expected[k].shape]
+    wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(expected[k].shape)})"
+             for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
     problems = []
     if missing:
         problems.append(f"missing {len(missing)} weight(s): {few(missing)}")

@@ -99,8 +99,9 @@ class VisionTower(nn.Module):
         (BLIP-2's convention: the 40-block EVA-g's block 39 output, no final norm; mrgfast.models.eva).
         drop_cls: drop CLIP's / EVA's CLS token, as MiniGPT-v2 does (models without one return patch tokens either
         way). image_size (EVA only): the input size, default the checkpoint's; another one (PeFoMed: 448 from the
-        224-px EVA-CLIP-g) resamples the position embeddings as LAVIS does. post_layernorm: apply the checkpoint's final LayerNorm
-        to every token (SigLIP's last_hidden_state is select_layer=-1 with it; CLIP applies it to CLS only).
+        224-px EVA-CLIP-g) resamples the position embeddings as LAVIS does. post_layernorm: apply the checkpoint's
+        final LayerNorm to every token (SigLIP's last_hidden_state is select_layer=-1 with it; CLIP applies it to CLS
+        only).
         merged (Qwen2-VL): return the tokens after Qwen2-VL's own 2x2 merger instead of the patch features.
         gradient_checkpointing: recompute each layer in backward (for an unfrozen tower being trained).
         dtype defaults to the stored one, device to CPU.

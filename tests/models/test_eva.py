@@ -323,6 +323,13 @@ def test_bad_timm_directories_name_the_file(timm_dir, tmp_path):
                                          r"'eva_nonexistent_patch14'"):
         VisionTower.from_pretrained(unknown)
 
+    newer = tmp_path / "newer"
+    newer.mkdir()
+    (newer / "config.json").write_text(json.dumps(dict(config, model_args=dict(config["model_args"], warp_factor=9))))
+    (newer / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes())
+    with pytest.raises(ValueError, match=r"newer/model\.safetensors: timm cannot build .*warp_factor"):
+        VisionTower.from_pretrained(newer)
+
     deeper = tmp_path / "deeper"
     deeper.mkdir()
     (deeper / "config.json").write_text(json.dumps(dict(config, model_args=dict(config["model_args"], depth=5))))
