@@ -93,6 +93,7 @@ setup(
         "gpu": ["flash-attn", "nvidia-ml-py"],
         "nifti": ["nibabel"],  # .nii / .nii.gz volumes (CT-RATE); .npy / .npz need nothing extra
         "baseline": ["peft>=0.13", "trl>=1.16"],
+        "eva": ["timm>=1.0"],  # EVA ViT-g towers (PeFoMed's, mrgfast.models.eva); timm needs torchvision
         "peers": ["liger-kernel"],  # benchmarks/linear_cross_entropy.py compares with it on a GPU
     },
     ext_modules=native_extensions(),

@@ -19,6 +19,7 @@ from mrgfast.layers.grouped_projection import GroupedProjection
 from mrgfast.models import (Decoder, DecoderConfig, FeatureCache, MultimodalLM, Qwen2VLMerger, ViT, ViT3D, VisionTower,
                             decoder_on_device, load_decoder)
 from mrgfast.models.feature_cache import check_no_augmentation
+from mrgfast.models.eva import find_eva
 from mrgfast.models.vit_io import is_vit_dir, load_vit
 from mrgfast.peft import apply_lora, load_adapter
 from mrgfast.training.checkpoint import ADAPTER_SUFFIX, MANIFEST, MODULES_GROUP, copy_tensors_into, read_checkpoint
@@ -76,8 +77,13 @@ def build_vision(config: TrainConfig):
         vit, image_config, _ = load_vit(m.vision_name_or_path)
         return vit, vit.dim, image_config
     if m.vision_name_or_path is not None:
+        # An EVA takes data.image_size (PeFoMed: 448 from the 224-px EVA-CLIP-g, position embeddings resampled);
+        # the HF towers take their own size, checked by image_config below.
+        eva = find_eva(m.vision_name_or_path) is not None
         tower = VisionTower.from_pretrained(m.vision_name_or_path, frozen=not m.train_vision,
-                                            gradient_checkpointing=m.activation_checkpointing)
+                                            gradient_checkpointing=m.activation_checkpointing,
+                                            select_layer=m.vision_select_layer,
+                                            image_size=data.image_size if eva else None)
         return tower, tower.feature_dim, tower.image_config(data.image_size)
     size = data.image_size or (data.synthetic_volume_size if m.recipe == "rad3d_prefix" else data.synthetic_size)
     if size % m.patch_size:

@@ -32,6 +32,10 @@ class ModelSection:
     name_or_path: Optional[str] = None          # decoder checkpoint directory (HF layout); None: built from sizes
     vision_name_or_path: Optional[str] = None   # HF vision tower, or a demo ViT dir (vit_config.json); None: a ViT
                                                 # built from the vision_* sizes
+    # Which hidden state of an HF / EVA tower feeds the adapters, as HF's hidden_states[i] (-1: the last layer).
+    # None: the tower's default: -1, and for EVA -2, BLIP-2's convention that PeFoMed / MiniGPT-v2 inherit (the
+    # 40-block EVA-g's block 39 output, no final norm; mrgfast.models.eva.BLIP2_SELECT_LAYER).
+    vision_select_layer: Optional[int] = None
     tokenizer_path: Optional[str] = None        # None: name_or_path's tokenizer, else the demo tokenizer (synthetic)
     init_from: Optional[str] = None             # a previous stage's checkpoint (step-XXXXXX) or adapter to start from,
                                                 # or MiniGPT-v2's .pth (PeFoMed); read at a run's start, not on resume

@@ -8,7 +8,8 @@
   num_beams=1)`: greedy or beam search with a KV cache, batched, any padding side.
 - `varlen_attention`: the one attention function (flash-attn / torch varlen on CUDA, per-document SDPA), over the
   packed-stream types of `mrgfast.layout` (`Segments`, `AttentionLayout`, `OutputRows`).
-- `VisionTower.from_pretrained(path)`: CLIP / SigLIP / Qwen2-VL vision encoders -> `VisionFeatures` (+ grid);
+- `VisionTower.from_pretrained(path)`: CLIP / SigLIP / Qwen2-VL vision encoders, and EVA ViT-g (timm's or
+  LAVIS's files; `models/eva.py`, needs timm) -> `VisionFeatures` (+ grid);
   `Qwen2VLMerger`: Qwen2-VL's merger as a trainable adapter; `ViT` / `ViT3D`: small encoders trained from scratch.
 """
 

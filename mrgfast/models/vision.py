@@ -1,4 +1,5 @@
-"""Vision towers: HF vision encoders (CLIP, SigLIP, Qwen2-VL's visual tower) loaded from a local directory.
+"""Vision towers: HF vision encoders (CLIP, SigLIP, Qwen2-VL's visual tower) and EVA ViT-g (timm's or LAVIS's
+files, mrgfast.models.eva) loaded from a local directory.
 
 Only the vision weights are read from the safetensors files (a whole CLIPModel or Qwen2-VL checkpoint is never
 instantiated). The encoder modules themselves are transformers' own (they define these models), built from the
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 from mrgfast.common.names import few
 from mrgfast.data.images import ImageConfig
 from mrgfast.layers.grouped_projection import GroupedProjection
+from mrgfast.models.eva import BLIP2_SELECT_LAYER, EvaEncoder, build_eva, find_eva, read_eva
 from mrgfast.models.loading import checkpoint_keys
 
 # model_type in config.json -> family. CLIPModel / SiglipModel checkpoints hold the vision model under
@@ -69,8 +71,11 @@ class VisionTower(nn.Module):
         self.family, self.select_layer = family, select_layer
         self.drop_cls, self.post_layernorm, self.merged = drop_cls, post_layernorm, merged
         self.preprocess = dict(preprocess)
-        config = encoder.config
-        if family == "qwen2_vl":
+        config = getattr(encoder, "config", None)
+        if family == "eva":
+            self.patch_size, self.in_channels = encoder.patch_size, encoder.in_channels
+            self.feature_dim, self.image_size = encoder.feature_dim, encoder.image_size
+        elif family == "qwen2_vl":
             self.patch_size, self.merge_size = config.patch_size, config.spatial_merge_size
             self.temporal_patch_size, self.in_channels = config.temporal_patch_size, config.in_channels
             self.feature_dim = config.hidden_size if merged else config.embed_dim
@@ -82,21 +87,34 @@ class VisionTower(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None,
-                        device: Optional[Union[str, torch.device]] = None, frozen: bool = True, select_layer: int = -1,
-                        drop_cls: bool = True, post_layernorm: bool = False, merged: bool = False,
-                        gradient_checkpointing: bool = False) -> "VisionTower":
-        """The vision encoder of the HF directory `path` (CLIP / SigLIP, whole or vision-only, or Qwen2-VL).
+                        device: Optional[Union[str, torch.device]] = None, frozen: bool = True,
+                        select_layer: Optional[int] = None, drop_cls: bool = True, post_layernorm: bool = False,
+                        merged: bool = False, gradient_checkpointing: bool = False,
+                        image_size: Optional[int] = None) -> "VisionTower":
+        """The vision encoder of the HF directory `path` (CLIP / SigLIP, whole or vision-only, or Qwen2-VL), or an
+        EVA ViT (a timm save_for_hf directory, or LAVIS's eva_vit_g.pth / a directory holding it).
 
         select_layer: which hidden state to return, as HF's hidden_states[select_layer] (0 = embeddings, -1 = last
-        layer, -2 = LLaVA's choice); layers after it are neither built nor loaded. drop_cls: drop CLIP's CLS token
-        (models without one return patch tokens either way). post_layernorm: apply the checkpoint's final LayerNorm
-        to every token (SigLIP's last_hidden_state is select_layer=-1 with it; CLIP applies it to CLS only).
+        layer, -2 = LLaVA's choice); layers after it are neither built nor loaded. None: -1, except EVA's -2
+        (BLIP-2's convention: the 40-block EVA-g's block 39 output, no final norm; mrgfast.models.eva).
+        drop_cls: drop CLIP's / EVA's CLS token, as MiniGPT-v2 does (models without one return patch tokens either
+        way). image_size (EVA only): the input size, default the checkpoint's; another one (PeFoMed: 448 from the
+        224-px EVA-CLIP-g) resamples the position embeddings as LAVIS does. post_layernorm: apply the checkpoint's
+        final LayerNorm to every token (SigLIP's last_hidden_state is select_layer=-1 with it; CLIP applies it to CLS
+        only).
         merged (Qwen2-VL): return the tokens after Qwen2-VL's own 2x2 merger instead of the patch features.
         gradient_checkpointing: recompute each layer in backward (for an unfrozen tower being trained).
         dtype defaults to the stored one, device to CPU.
         """
-        transformers = _transformers()
         path = Path(path)
+        if find_eva(path) is not None:
+            return cls._from_eva(path, dtype, device, frozen, select_layer, drop_cls, post_layernorm, merged,
+                                 gradient_checkpointing, image_size)
+        if image_size is not None:
+            raise ValueError(f"image_size={image_size}: only EVA towers take another input size; CLIP / SigLIP take "
+                             "their checkpoint's, Qwen2-VL's is chosen by image_config(size)")
+        select_layer = -1 if select_layer is None else select_layer
+        transformers = _transformers()
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path / 'config.json'} not found: VisionTower needs a Hugging Face model "
                                     "directory")
@@ -120,6 +138,18 @@ class VisionTower(nn.Module):
             encoder.activation_checkpointing_enable({"use_reentrant": False})
         preprocess = read_preprocess(path, family)
         return cls(encoder, family, select_layer, drop_cls, post_layernorm, merged, preprocess, frozen=frozen).eval()
+
+    @classmethod
+    def _from_eva(cls, path: Path, dtype, device, frozen, select_layer, drop_cls, post_layernorm, merged,
+                  gradient_checkpointing, image_size) -> "VisionTower":
+        """An EVA tower from timm's or LAVIS's files (from_pretrained's arguments)."""
+        select_layer = BLIP2_SELECT_LAYER if select_layer is None else select_layer
+        _check_options("eva", select_layer, post_layernorm, merged)
+        checkpoint = read_eva(path)
+        keep = _layers_to_keep(select_layer, checkpoint.depth)
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        encoder = build_eva(checkpoint, keep, image_size, dtype, device, gradient_checkpointing)
+        return cls(encoder, "eva", select_layer, drop_cls, False, False, checkpoint.preprocess, frozen=frozen).eval()
 
     def set_frozen(self, frozen: bool) -> "VisionTower":
         """Freeze (no grads, eval mode, no graph) or unfreeze the encoder; returns self."""
@@ -152,6 +182,10 @@ class VisionTower(nn.Module):
             raise ValueError(f"grid_thw is only used by Qwen2-VL towers, this one is {self.family}")
         self._check_images(pixel_values)
         encoder = self.encoder
+        if isinstance(encoder, EvaEncoder):
+            hidden = encoder(pixel_values.to(encoder.model.patch_embed.proj.weight.dtype))
+            side = self.image_size // self.patch_size
+            return VisionFeatures(hidden[:, 1:] if self.drop_cls else hidden, (side, side), cls=not self.drop_cls)
         hidden = encoder.embeddings(pixel_values.to(encoder.embeddings.patch_embedding.weight.dtype))
         if self.family == "clip":
             hidden = encoder.pre_layrnorm(hidden)
@@ -410,6 +444,9 @@ def _check_options(family: str, select_layer: int, post_layernorm: bool, merged:
                          f"select_layer={select_layer}")
     if post_layernorm and family == "qwen2_vl":
         raise ValueError("post_layernorm=True: Qwen2-VL's tower has no final LayerNorm (its merger has one)")
+    if post_layernorm and family == "eva":
+        raise ValueError("post_layernorm=True: BLIP-2's EVA tower ends without a final norm (its ln_vision is the "
+                         "projector's LayerNorm)")
 
 
 def _build_encoder(family: str, vision_config, dtype: torch.dtype, device: torch.device, post_layernorm: bool,
