@@ -12,10 +12,12 @@ out (routing.py keeps what it had for them).
 import argparse
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 from mrgfast.ops.routing import CASES, Route, table_lines
 
+WIDTH = 118  # evidence comment lines, to sit in routing.py's 120 columns
 MIN_SPEED = 1.0  # a kernel must be at least as fast as eager (eager / kernel time >= this) to be routed to
 
 
@@ -99,7 +101,8 @@ def evidence_lines(found: dict) -> list[str]:
         cells = []
         for size, speeds, _, _ in sorted(points, key=lambda p: p[0]):
             cells.append(f"{size:,}: " + " ".join(f"{b} {r:.2f}" for b, r in sorted(speeds.items())))
-        lines.append(f"    # {device} {op} {case}: " + "; ".join(cells))
+        lines += textwrap.wrap(f"{device} {op} {case}: " + "; ".join(cells), WIDTH, initial_indent="    # ",
+                               subsequent_indent="    #   ", break_on_hyphens=False)
     return lines
 
 

@@ -38,7 +38,8 @@ FULL = dict(cases={"group_2d": (4, 1024, 1408, "2d", (32, 32), False),
 # deadline_s: no case starts after it (seconds since the run opened), inside the GPU suite's 10 s box less start-up.
 GPU = dict(cases=sweep({"group_2d": QWEN2VL_2D, "group_2d_pad": QWEN2VL_2D_PAD, "group_1d_pad": EVA_1D_PAD}, IMAGES),
            warmup=5, repeats=20, deadline_s=5)
-QUICK = dict(cases=sweep({"group_2d": (256, 256, "2d", (16, 16), False), "group_2d_pad": (15 * 15, 256, "2d", (15, 15), True),
+QUICK = dict(cases=sweep({"group_2d": (256, 256, "2d", (16, 16), False),
+                          "group_2d_pad": (15 * 15, 256, "2d", (15, 15), True),
                           "group_1d_pad": (257, 256, "1d", None, True)}, (8, 2, 1)),
              warmup=2, repeats=9, deadline_s=None)
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}  # max |diff| relative to max |expected|
@@ -59,7 +60,8 @@ def measure_grouping(run: harness.Run, case: str, batch, tokens, dim, mode, grid
                 return group_tokens(inp, GROUP, mode, grid, pad)
         return fn
 
-    fns = {"torch": lambda inp: reference_group_tokens(inp, layout), **backend_variants(forced, IMPLEMENTED, run.device)}
+    fns = {"torch": lambda inp: reference_group_tokens(inp, layout),
+           **backend_variants(forced, IMPLEMENTED, run.device)}
     check_variants(NAME, case, fns, x, g, {name: [] for name in fns}, TOLERANCE[run.dtype])
     result = harness.measure_case({n: training_step(f, x, g) for n, f in fns.items()}, run.device,
                                   run.shape["warmup"], run.shape["repeats"], baseline="torch", candidate="mrgfast",

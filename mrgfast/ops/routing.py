@@ -25,7 +25,7 @@ DEVICES = ("cuda", "cpu")
 
 @dataclass(frozen=True)
 class Route:
-    """A case's measured winner: `backend`'s kernel beat eager at `from_size` elements and every larger size measured."""
+    """A case's measured winner: `backend`'s kernel beat eager at `from_size` elements and every larger one measured."""
 
     backend: str
     from_size: int
@@ -56,6 +56,37 @@ TABLE: dict[tuple[str, str, str], Optional[Route]] = {
     ("cuda", "affine_prompt", "prompt_out"): None,
     ("cuda", "affine_prompt", "book_new"): Route("triton", 2_097_152),
     ("cuda", "affine_prompt", "book_out"): Route("triton", 2_097_152),
+    # The 2-core CPU machine (AMD EPYC KVM guest), 2026-12-04, fp32, 1 thread (OMP_NUM_THREADS=1), the benchmarks'
+    # quick sweeps (repeats 15) and full shapes, printed by `python -m benchmarks.crossover`: other helpers' jobs used
+    # 71-85% of the cores meanwhile (others_cpu_share), so ratios within ~10% of 1 are noise. The projector is
+    # GEMM-bound (kernel and eager share the GEMMs); the C++ grouping copy lost to the torch path's single permute copy
+    # where no padding is needed (2d), and won where torch must pad.
+    # cpu affine_prompt book_new: 4,096: cpu 1.18; 16,384: cpu 1.05; 65,536: cpu 1.16; 2,097,152: cpu 1.28; 2,097,152:
+    #   cpu 1.17
+    # cpu affine_prompt book_out: 4,096: cpu 1.20; 16,384: cpu 1.24; 65,536: cpu 1.71; 2,097,152: cpu 2.22; 2,097,152:
+    #   cpu 2.83
+    # cpu affine_prompt prompt_new: 4,096: cpu 0.69; 16,384: cpu 0.68; 65,536: cpu 0.80; 2,097,152: cpu 1.80;
+    #   2,097,152: cpu 3.89
+    # cpu affine_prompt prompt_out: 4,096: cpu 0.86; 16,384: cpu 1.01; 65,536: cpu 2.90; 2,097,152: cpu 1.74;
+    #   2,097,152: cpu 2.52
+    # cpu group_tokens 1d_pad: 65,792: cpu 0.74; 131,584: cpu 0.81; 526,336: cpu 1.16; 5,772,800: cpu 1.11
+    # cpu group_tokens 2d: 65,536: cpu 0.70; 131,072: cpu 0.70; 524,288: cpu 0.73; 5,767,168: cpu 0.99
+    # cpu group_tokens 2d_pad: 57,600: cpu 1.07; 115,200: cpu 1.14; 460,800: cpu 1.79; 6,133,248: cpu 2.42
+    # cpu grouped_projection 1d_frozen_x: 65,536: cpu 2.04; 131,072: cpu 0.80; 524,288: cpu 0.92; 2,883,584: cpu 1.29
+    # cpu grouped_projection 1d_train_x: 65,536: cpu 0.92; 131,072: cpu 0.95; 524,288: cpu 1.03; 2,883,584: cpu 0.96
+    # cpu grouped_projection 2d_frozen_x: 65,536: cpu 0.14; 131,072: cpu 1.02; 524,288: cpu 1.11; 2,621,440: cpu 1.01
+    # cpu grouped_projection 2d_train_x: 65,536: cpu 1.04; 131,072: cpu 1.01; 524,288: cpu 1.06; 2,621,440: cpu 1.02
+    ('cpu', 'grouped_projection', '1d_frozen_x'): Route('cpu', 2_883_584),
+    ('cpu', 'grouped_projection', '1d_train_x'): None,
+    ('cpu', 'grouped_projection', '2d_frozen_x'): Route('cpu', 131_072),
+    ('cpu', 'grouped_projection', '2d_train_x'): Route('cpu', 65_536),
+    ('cpu', 'group_tokens', '1d_pad'): Route('cpu', 526_336),
+    ('cpu', 'group_tokens', '2d'): None,
+    ('cpu', 'group_tokens', '2d_pad'): Route('cpu', 57_600),
+    ('cpu', 'affine_prompt', 'prompt_new'): Route('cpu', 2_097_152),
+    ('cpu', 'affine_prompt', 'prompt_out'): Route('cpu', 16_384),
+    ('cpu', 'affine_prompt', 'book_new'): Route('cpu', 4_096),
+    ('cpu', 'affine_prompt', 'book_out'): Route('cpu', 4_096),
 }
 
 _logged: set = set()
