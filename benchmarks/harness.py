@@ -167,7 +167,7 @@ class Run:
 
     def past_deadline(self) -> bool:
         """Whether the shapes' `deadline_s` (seconds since the run opened; None: no deadline) has passed: a sweep
-        starts no case after it, so it ends inside the GPU suite's time box."""
+        starts no further case after it (its first always runs), so it ends inside the GPU suite's time box."""
         deadline = self.shape.get("deadline_s")
         return deadline is not None and time.monotonic() - self.started["busy_start"][0] > deadline
 

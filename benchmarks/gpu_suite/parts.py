@@ -49,6 +49,8 @@ GPU_SHAPES = {
 GPU_SCALE = ("e2e_sft", "e2e_dpo", "grouped_projection", "group_tokens", "affine_prompt")
 # --cpu-smoke: every benchmark at its quick shapes, one untimed-warm-up-free repeat: it proves the part runs.
 SMOKE_SHAPES = dict(warmup=0, repeats=1)
+# Benchmarks whose shapes sweep sizes until a deadline: under --cpu-smoke a deadline of 0 runs their first case only.
+SWEEPS = ("grouped_projection", "group_tokens", "affine_prompt")
 
 # The training runs: PeFoMed stage 1 with the first H200 run's 0.55B-class decoder (hidden 2048, 8 layers of 16
 # heads, intermediate 5632, a 384-wide 6-deep ViT), bf16, 4 rows of 2048 tokens; under --cpu-smoke the config's own
@@ -111,7 +113,10 @@ def is_kernel_benchmark(name: str) -> bool:
 
 def benchmark_part(name: str, smoke: bool) -> Part:
     """A benchmark script run at GPU shapes (or, smoking, at its quick shapes once)."""
-    shapes = SMOKE_SHAPES if smoke else GPU_SHAPES.get(name, {})
+    if smoke:
+        shapes = {**SMOKE_SHAPES, **(dict(deadline_s=0) if name in SWEEPS else {})}
+    else:
+        shapes = GPU_SHAPES.get(name, {})
     argv = [sys.executable, "-m", f"benchmarks.{name}", "--out", "{json}"] + (["--quick"] if smoke else [])
     if name in GPU_SCALE and not smoke:
         argv += ["--scale", "gpu"]
