@@ -126,7 +126,7 @@ def group_layout(shape, group: int, mode: str = "1d", grid: Optional[tuple[int, 
 
 def routing_case(layout: GroupLayout) -> str:
     """The op's case in mrgfast.ops.routing for a grouping that is not a free view: 1d (padded) or 2d, padded or not."""
-    if layout.height == 1:
+    if layout.block_h == 1:  # 1d: blocks of one row (a 2d grid one row high still has s x s blocks)
         return "1d_pad"
     return "2d_pad" if layout.padded else "2d"
 

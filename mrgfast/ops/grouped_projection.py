@@ -33,7 +33,7 @@ def reference_grouped_projection(x: Tensor, weight: Tensor, bias: Optional[Tenso
 
 def routing_case(x: Tensor, layout: GroupLayout) -> str:
     """The op's case in mrgfast.ops.routing: 1d or 2d grouping, x trainable (a gradient to compute) or frozen."""
-    mode = "1d" if layout.height == 1 else "2d"
+    mode = "1d" if layout.block_h == 1 else "2d"
     trainable = x.requires_grad and torch.is_grad_enabled()
     return f"{mode}_{'train_x' if trainable else 'frozen_x'}"
 

@@ -102,6 +102,7 @@ def test_each_op_names_its_routing_case():
     assert grouping_case(group_layout(x.shape, 4, "2d", (4, 4))) == "2d"
     assert grouping_case(group_layout((2, 15, 3), 4, "2d", (3, 5), pad=True)) == "2d_pad"
     assert grouping_case(group_layout((2, 15, 3), 4, "1d", pad=True)) == "1d_pad"
+    assert grouping_case(group_layout((2, 5, 3), 4, "2d", (1, 5), pad=True)) == "2d_pad"  # one row high, still 2d
     layout = group_layout(x.shape, 4)
     assert projection_case(x, layout) == "1d_frozen_x"
     trainable = x.clone().requires_grad_()
