@@ -12,7 +12,9 @@ import torch
 from torch import nn
 
 from benchmarks import harness
-from benchmarks.variants import check_variants, forced_backend, gpu_variants, op_config, training_step
+from benchmarks.variants import (
+    backend_variants, check_variants, forced_backend, op_config, training_step, with_routing,
+)
 from mrgfast.layers.grouped_projection import GroupedProjection
 from mrgfast.ops.group_tokens import group_layout, reference_group_tokens
 from mrgfast.ops.grouped_projection import IMPLEMENTED
@@ -20,15 +22,28 @@ from mrgfast.ops.grouped_projection import IMPLEMENTED
 NAME = "grouped_projection"
 # Cases: (batch, tokens, dim, out, group, mode, grid). PeFoMed: EVA-g 1024 x 1408 -> 256 x 4096.
 # Qwen2-VL: ln_q(1280) -> 2x2 merge of a 32 x 32 grid -> the merger's first Linear(5120, 5120).
-FULL = dict(cases={"pefomed_1d": (2, 1024, 1408, 4096, 4, "1d", None),
-                   "qwen2vl_2d": (2, 1024, 1280, 5120, 4, "2d", (32, 32))},
-            warmup=1, repeats=7)
-QUICK = dict(cases={"small_1d": (2, 256, 256, 512, 4, "1d", None), "small_2d": (2, 256, 256, 512, 4, "2d", (16, 16))},
-             warmup=2, repeats=9)
+PEFOMED = (1024, 1408, 4096, 4, "1d", None)
+QWEN2VL = (1024, 1280, 5120, 4, "2d", (32, 32))
+# The GPU sweep: images per step, the training size (16) first, so that a run its deadline cuts short keeps it.
+IMAGES = (16, 8, 4, 2, 1)
+
+
+def sweep(shapes: dict, images) -> dict:
+    """{"<name>_<n>img": (n, *shape)} for every image count n (outer) and shape (inner)."""
+    return {f"{name}_{n}img": (n, *shape) for n in images for name, shape in shapes.items()}
+
+
+FULL = dict(cases={"pefomed_1d": (2, *PEFOMED), "qwen2vl_2d": (2, *QWEN2VL)}, warmup=1, repeats=7, deadline_s=None)
+# deadline_s: no case after the first starts past it (seconds since the run opened), inside the GPU suite's 20 s box
+# (gpu_suite/parts.py) less the process's start-up; the rest of the sweep is listed as not measured.
+GPU = dict(cases=sweep({"pefomed_1d": PEFOMED, "qwen2vl_2d": QWEN2VL}, IMAGES), warmup=5, repeats=20, deadline_s=12)
+QUICK = dict(cases=sweep({"small_1d": (256, 256, 512, 4, "1d", None), "small_2d": (256, 256, 512, 4, "2d", (16, 16))},
+                         (8, 2, 1)), warmup=2, repeats=9, deadline_s=None)
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}  # max |diff| relative to max |expected|
 STEP = ("y = f(x); y.backward(g); projector weights trainable; *_frozen_x: x and the LayerNorm frozen (PeFoMed), "
-        "*_train_x: both trainable")
-HEADLINE = "least favourable case: lowest eager/mrgfast time, highest mrgfast/eager peak memory"
+        "*_train_x: both trainable; mrgfast = auto (the routing table's choice), triton / cuda / cpu = that kernel "
+        "forced (their ratios under each case's 'kernels')")
+HEADLINE = "least favourable case: lowest eager/mrgfast (auto) time, highest mrgfast/eager peak memory"
 
 
 class EagerProjector(nn.Module):
@@ -93,15 +108,17 @@ def measure_projector(run: harness.Run, case: str, batch, tokens, dim, out, grou
         x.requires_grad_(train_x)
         for module in (mine, eager):
             module.norm.requires_grad_(train_x)
-        fns = {"eager": eager, **gpu_variants(forced)}
+        fns = {"eager": eager, **backend_variants(forced, IMPLEMENTED, device)}
         params_of = {name: [p for p in (eager if name == "eager" else mine).parameters() if p.requires_grad]
                      for name in fns}
         label = f"{case}_{'train_x' if train_x else 'frozen_x'}"
         check_variants(NAME, label, fns, x, g, params_of, TOLERANCE[dtype])
         grads = [x, *mine.parameters(), *eager.parameters()]
         reset = lambda: [setattr(t, "grad", None) for t in grads]  # noqa: E731
-        results[label] = harness.measure_case({n: training_step(f, x, g) for n, f in fns.items()}, device, warmup,
-                                              repeats, baseline="eager", candidate="mrgfast", reset=reset)
+        measured = harness.measure_case({n: training_step(f, x, g) for n, f in fns.items()}, device, warmup,
+                                        repeats, baseline="eager", candidate="mrgfast", reset=reset)
+        results[label] = with_routing(measured, NAME, f"{mode}_{'train_x' if train_x else 'frozen_x'}", x.numel(),
+                                      IMPLEMENTED, device)
         results[label]["shape"] = dict(batch=batch, tokens=tokens, dim=dim, out=out, group=group, mode=mode,
                                        grid=grid, train_x=train_x)
         every_param = [*mine.parameters(), *eager.parameters()]
@@ -111,12 +128,18 @@ def measure_projector(run: harness.Run, case: str, batch, tokens, dim, out, grou
 
 
 def main() -> None:
-    """Check every variant against the eager one, then time and memory-profile them, case by case."""
-    run = harness.open_run(NAME, __doc__, QUICK, FULL)
-    results = {}
+    """Check every variant against the eager one, then time and memory-profile them, case by case (until the
+    deadline), writing the report after each."""
+    run = harness.open_run(NAME, __doc__, QUICK, FULL, GPU)
+    config = op_config(run, NAME, IMPLEMENTED, STEP, HEADLINE)
+    results, skipped = {}, []
     for case, shape in run.shape["cases"].items():
+        if results and run.past_deadline():  # the first case (the training size) always runs
+            skipped.append(case)
+            continue
         results.update(measure_projector(run, case, *shape))
-    run.report(op_config(run, NAME, IMPLEMENTED, STEP, HEADLINE), results)
+        run.checkpoint({**config, "not_measured": skipped}, results)
+    run.report({**config, "not_measured": skipped}, results)
 
 
 if __name__ == "__main__":

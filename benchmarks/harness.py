@@ -161,6 +161,16 @@ class Run:
         """write_report of `results` with config(fields), to --out."""
         return write_report(self.name, self.config(fields), results, self.out, self.started)
 
+    def checkpoint(self, fields: dict, results: dict[str, dict]) -> None:
+        """The report of the cases measured so far, to --out, quietly: a run that its time box stops keeps them."""
+        write_json(self.out, build_report(self.name, self.config(fields), results, self.started))
+
+    def past_deadline(self) -> bool:
+        """Whether the shapes' `deadline_s` (seconds since the run opened; None: no deadline) has passed: a sweep
+        starts no further case after it (its first always runs), so it ends inside the GPU suite's time box."""
+        deadline = self.shape.get("deadline_s")
+        return deadline is not None and time.monotonic() - self.started["busy_start"][0] > deadline
+
 
 def open_run(name: str, description: str, quick: dict, full: dict, gpu: Optional[dict] = None) -> Run:
     """Every benchmark main()'s opening: parse --quick / --scale / --out / --set, snapshot the machine, pick shapes,
@@ -359,27 +369,38 @@ def plot(name: str, results: dict[str, dict], path: Path) -> bool:
     return True
 
 
+def build_report(name: str, config: dict, results: dict[str, dict], run: dict) -> dict:
+    """The JSON report: name, machine (with the load and contention since `run` started), config, results, headline."""
+    speed_ratio, memory_ratio = headline(results) if results else (None, None)
+    busy_start = run.get("busy_start")
+    machine = {**run.get("machine", run), "load_average_1min_at_end": load_average(),
+               "others_cpu_share": others_cpu_share(busy_start) if busy_start else None}
+    return {"name": name, "machine": machine, "config": config, "results": results,
+            "speed_ratio": speed_ratio, "memory_ratio": memory_ratio}
+
+
+def write_json(out: Path, report: dict) -> None:
+    """Write `report` to `out` atomically: never a half-written report where an old one was."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(out)
+
+
 def write_report(name: str, config: dict, results: dict[str, dict], out: Path, run: dict) -> dict:
     """Write the JSON report (and a PNG beside it when matplotlib exists); print the table.
 
     `run` is start_run()'s result; a bare machine_info() also works, without the others_cpu_share figure.
     """
-    speed_ratio, memory_ratio = headline(results)
-    busy_start = run.get("busy_start")
-    machine = {**run.get("machine", run), "load_average_1min_at_end": load_average(),
-               "others_cpu_share": others_cpu_share(busy_start) if busy_start else None}
-    report = {"name": name, "machine": machine, "config": config, "results": results,
-              "speed_ratio": speed_ratio, "memory_ratio": memory_ratio}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(out)  # never leave a half-written report where an old one was
+    report = build_report(name, config, results, run)
+    speed_ratio, memory_ratio, machine = report["speed_ratio"], report["memory_ratio"], report["machine"]
+    write_json(out, report)
     print_table(name, results)
     if plot(name, results, out.with_suffix(".png")):
         print(f"{name}: plot -> {out.with_suffix('.png')}")
     if (machine["others_cpu_share"] or 0.0) > 0.05:
         print(f"{name}: warning: other processes used {machine['others_cpu_share']:.0%} of the cores meanwhile; "
               "CPU timings are unreliable")
-    memory_text = "n/a" if memory_ratio is None else f"{memory_ratio:.3f}"
-    print(f"{name}: speed_ratio={speed_ratio:.3f} memory_ratio={memory_text} (least favourable case) -> {out}")
+    speed_text, memory_text = ("n/a" if r is None else f"{r:.3f}" for r in (speed_ratio, memory_ratio))
+    print(f"{name}: speed_ratio={speed_text} memory_ratio={memory_text} (least favourable case) -> {out}")
     return report

@@ -8,7 +8,8 @@ from typing import Callable
 import torch
 
 from benchmarks import harness
-from mrgfast.ops.backend import ENV_VAR, select_backend
+from mrgfast.ops import routing
+from mrgfast.ops.backend import ENV_VAR, available_kernels, select_backend
 from mrgfast.ops.backends.native.extension import cuda_kernels_built
 
 
@@ -34,6 +35,29 @@ def gpu_variants(make: Callable[[object], Callable]) -> dict:
     if torch.cuda.is_available() and cuda_kernels_built():
         variants["mrgfast_cuda"] = make("cuda")
     return variants
+
+
+def kernel_backends(implemented: tuple, device: torch.device) -> tuple:
+    """The kernel backends an op benchmark forces one by one here: Triton and the CUDA kernels on a GPU (those
+    installed and built), the C++ kernels on the CPU (never Triton's interpreter: it times Python)."""
+    return available_kernels(device.type, implemented)
+
+
+def backend_variants(make: Callable[[object], Callable], implemented: tuple, device: torch.device) -> dict:
+    """make(backend) for `auto` ("mrgfast": what the routing table runs) and for every kernel backend forced."""
+    return {"mrgfast": make(None), **{b: make(b) for b in kernel_backends(implemented, device)}}
+
+
+def with_routing(result: dict, op: str, case: str, size: int, implemented: tuple, device: torch.device) -> dict:
+    """A measure_case result plus what the crossover table is made from: "kernels" (each forced kernel's speed_ratio
+    and memory_ratio against the baseline) and "routing" (the op's case, its size in elements, what auto ran)."""
+    variants, base = result["variants"], result["variants"][result["baseline"]]
+    kernels = {b: {"speed_ratio": base["median_ms"] / variants[b]["median_ms"],
+                   "memory_ratio": variants[b]["peak_bytes"] / base["peak_bytes"] if base["peak_bytes"] else None}
+               for b in kernel_backends(implemented, device) if b in variants}
+    auto, why = routing.decide(op, case, device.type, size, kernel_backends(implemented, device))
+    return {**result, "kernels": kernels,
+            "routing": {"op": op, "case": case, "size": int(size), "auto": auto, "why": why}}
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.crossover import table_text
 from benchmarks.gpu_suite.environment import probe
 from benchmarks.gpu_suite.parts import DEFAULT_BUDGET, REPO_ROOT, SMOKE_BUDGET, all_parts, select, shares
 from benchmarks.gpu_suite.report import progress_line, write_suite, write_summary
@@ -40,6 +41,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 def slug(text: str) -> str:
     """A device name as a folder name: 'NVIDIA H200' -> 'nvidia-h200'."""
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
+
+
+def write_routing_table(out: Path, results: list) -> None:
+    """<out>/routing_table.txt: the crossover the routed ops' reports measured, as mrgfast/ops/routing.py's TABLE
+    entries (`python -m benchmarks.crossover <out>` prints the same); nothing when no part measured one."""
+    try:
+        text = table_text([r["report"] for r in results if isinstance(r.get("report"), dict)])
+    except SystemExit as error:  # a report the crossover cannot read: say so, the suite's files are written already
+        print(f"gpu_suite: no routing table: {error}", file=sys.stderr)
+        return
+    if text:
+        (out / "routing_table.txt").write_text(text, encoding="utf-8")
+        print(f"gpu_suite: routing table (mrgfast/ops/routing.py TABLE entries) -> {out / 'routing_table.txt'}")
 
 
 def main(argv=None) -> int:
@@ -72,6 +86,7 @@ def main(argv=None) -> int:
                "environment": environment}
     suite = write_suite(out, summary, results)
     summary_path = write_summary(out, suite)
+    write_routing_table(out, results)
     bad = [r["name"] for r in results if r["status"] in ("failed", "timeout")]
     print(f"gpu_suite: {len(results) - len(bad)} of {len(results)} parts ok or skipped; "
           f"{'failed: ' + ', '.join(bad) if bad else 'none failed'}; {suite['seconds']:.0f} s -> {out / 'suite.json'}, "

@@ -24,6 +24,11 @@ def benchmark_figures(report: dict) -> list:
             rows.append((case_name, f"{variant} peak MiB", v["peak_bytes"] / MIB if "peak_bytes" in v else None))
         rows += [(case_name, key, value) for key, value in case.items()
                  if key not in ("variants", "baseline", "candidate") and isinstance(value, (int, float, bool, str))]
+        rows += [(case_name, f"{backend} {key}", value) for backend, figures in case.get("kernels", {}).items()
+                 for key, value in figures.items()]
+        if "routing" in case:
+            rows.append((case_name, "auto runs", f"{case['routing']['auto']} ({case['routing']['case']}, "
+                                                 f"{case['routing']['size']:,} elements)"))
     rows += [("headline", key, report.get(key)) for key in ("speed_ratio", "memory_ratio") if key in report]
     return rows
 

@@ -123,11 +123,17 @@ def check_out(out: Tensor, offsets: OffsetsLike, batch: int, length: int, dim: i
                          f"(0 <= offsets[b] <= {rows - length}), got offsets in [{low}, {high}]")
 
 
+def routing_case(book: bool, in_place: bool) -> str:
+    """The op's case in mrgfast.ops.routing: prompt-wise or a promptbook, a new tensor or written into `out`."""
+    return f"{'book' if book else 'prompt'}_{'out' if in_place else 'new'}"
+
+
 def affine_prompt(prompts: Tensor, gamma: Tensor, beta: Tensor, weights: Optional[Tensor] = None,
                   out: Optional[Tensor] = None, offsets: OffsetsLike = None) -> Tensor:
     """(sum_k w_k P_k) * (1 + gamma) + beta as [B, L, D], or written into out [B, T, D] at offsets (returned)."""
     check_affine_args(prompts, gamma, beta, weights, out, offsets)
-    backend = select_backend("affine_prompt", prompts, IMPLEMENTED)
+    backend = select_backend("affine_prompt", prompts, IMPLEMENTED, routing_case(weights is not None, out is not None),
+                             gamma.shape[0] * prompts.shape[-2] * prompts.shape[-1])
     if backend == "reference":
         result = reference_affine_prompt(prompts, gamma, beta, weights)
         if out is None:

@@ -5,8 +5,12 @@ Each op module maps the name chosen here to its kernel module in mrgfast.ops.bac
 
 import importlib.util
 import os
+from typing import Optional
 
 import torch
+
+from mrgfast.ops import routing
+from mrgfast.ops.backends.native.extension import cuda_kernels_built
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "reference")
 ENV_VAR = "MRGFAST_BACKEND"
@@ -30,15 +34,30 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def select_backend(op: str, tensor: torch.Tensor, implemented: tuple[str, ...]) -> str:
+def available_kernels(device: str, implemented: tuple[str, ...]) -> tuple[str, ...]:
+    """The kernels of `implemented` that can run on a `device`-type tensor here (triton installed, CUDA kernels
+    built into mrgfast._C)."""
+    if device == "cuda":
+        runnable = {"triton": triton_available(), "cuda": "cuda" in implemented and cuda_kernels_built()}
+        return tuple(b for b in ("triton", "cuda") if b in implemented and runnable[b])
+    return ("cpu",) if device == "cpu" and "cpu" in implemented else ()
+
+
+def select_backend(op: str, tensor: torch.Tensor, implemented: tuple[str, ...], case: Optional[str] = None,
+                   size: int = 0) -> str:
     """Pick the backend for `op` on `tensor`'s device, honouring MRGFAST_BACKEND.
 
     `implemented` lists the backends this op has (besides "reference", which every op has).
     A forced backend the op lacks, or one that cannot run on this device, is an error:
-    mrgfast never silently falls back to a slower path.
+    mrgfast never silently falls back to a slower path. Under `auto`, an op that passes its routing `case` and
+    `size` (elements) runs what mrgfast.ops.routing's measured table says for it (its torch path where no kernel
+    was measured faster); other ops run their kernel.
     """
     forced = requested_backend()
     on_cuda = tensor.is_cuda
+    device = tensor.device.type
+    if forced == "auto" and case is not None and device in routing.DEVICES:
+        return routing.auto_backend(op, case, device, size, available_kernels(device, implemented))
     if forced == "auto":
         if not on_cuda:
             return "cpu" if "cpu" in implemented else "reference"

@@ -124,11 +124,19 @@ def group_layout(shape, group: int, mode: str = "1d", grid: Optional[tuple[int, 
     return GroupLayout(batch, height, width, side, side, dim)
 
 
+def routing_case(layout: GroupLayout) -> str:
+    """The op's case in mrgfast.ops.routing for a grouping that is not a free view: 1d (padded) or 2d, padded or not."""
+    if layout.block_h == 1:  # 1d: blocks of one row (a 2d grid one row high still has s x s blocks)
+        return "1d_pad"
+    return "2d_pad" if layout.padded else "2d"
+
+
 def reference_group_tokens(x: Tensor, layout: GroupLayout) -> Tensor:
     """Pure-torch grouping: zero-pad the grid, cut it into blocks, permute neighbours next to each other."""
     batch, h, w, bh, bw, dim = layout.kernel_sizes()
     grid = x.reshape(batch, h, w, dim)
-    grid = F.pad(grid, (0, 0, 0, layout.blocks_w * bw - w, 0, layout.blocks_h * bh - h))
+    if layout.padded:  # F.pad copies x even when it adds nothing: one more pass over memory each way
+        grid = F.pad(grid, (0, 0, 0, layout.blocks_w * bw - w, 0, layout.blocks_h * bh - h))
     blocks = grid.reshape(batch, layout.blocks_h, bh, layout.blocks_w, bw, dim).permute(0, 1, 3, 2, 4, 5)
     return blocks.reshape(batch, layout.groups, layout.group * dim)
 
@@ -146,7 +154,7 @@ def group_tokens(x: Tensor, group: int, mode: str = "1d", grid: Optional[tuple[i
     layout = group_layout(x.shape, group, mode, grid, pad)
     if layout.is_view:
         return x.reshape(layout.batch, layout.groups, layout.group * layout.dim)
-    backend = select_backend("group_tokens", x, IMPLEMENTED)
+    backend = select_backend("group_tokens", x, IMPLEMENTED, routing_case(layout), x.numel())
     if backend == "reference":
         return reference_group_tokens(x, layout)
     return GroupTokensFunction.apply(x, layout, backend)

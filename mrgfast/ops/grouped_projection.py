@@ -31,6 +31,13 @@ def reference_grouped_projection(x: Tensor, weight: Tensor, bias: Optional[Tenso
     return F.linear(reference_group_tokens(x, layout), weight, bias)
 
 
+def routing_case(x: Tensor, layout: GroupLayout) -> str:
+    """The op's case in mrgfast.ops.routing: 1d or 2d grouping, x trainable (a gradient to compute) or frozen."""
+    mode = "1d" if layout.block_h == 1 else "2d"
+    trainable = x.requires_grad and torch.is_grad_enabled()
+    return f"{mode}_{'train_x' if trainable else 'frozen_x'}"
+
+
 def check_projection_args(x: Tensor, weight: Tensor, bias: Optional[Tensor], layout: GroupLayout,
                           norm_weight: Optional[Tensor], norm_bias: Optional[Tensor]) -> None:
     """Raise ValueError naming the argument whose shape or dtype is wrong."""
@@ -64,7 +71,7 @@ def grouped_projection(x: Tensor, weight: Tensor, bias: Optional[Tensor], group:
         norm_weight = norm_bias = None
     # Small vectors follow x's dtype (a bf16 model may keep fp32 LayerNorm weights); autograd casts gradients back.
     bias, norm_weight, norm_bias = (t.to(x.dtype) if t is not None else None for t in (bias, norm_weight, norm_bias))
-    backend = select_backend("grouped_projection", x, IMPLEMENTED)
+    backend = select_backend("grouped_projection", x, IMPLEMENTED, routing_case(x, layout), x.numel())
     if backend == "reference":
         return reference_grouped_projection(x, weight, bias, layout, normalize, norm_weight, norm_bias, eps)
     y = GroupedProjectionFunction.apply(x.contiguous(), weight.contiguous(), bias, norm_weight, norm_bias, layout,

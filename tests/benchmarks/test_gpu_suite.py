@@ -49,6 +49,27 @@ def test_gpu_shapes_are_passed_as_overrides():
     assert parts_module.benchmark_part("e2e_dpo", smoke=False).requires == ("trl",)
 
 
+def test_routed_ops_run_their_gpu_presets_at_the_issues_sizes_within_their_share():
+    """The GPU presets measure the issue's training sizes first, then sweep smaller ones, and stop starting cases
+    before the part's time box ends (its share less the process's start-up)."""
+    for name in ("grouped_projection", "group_tokens", "affine_prompt"):
+        part = parts_module.benchmark_part(name, smoke=False)
+        assert part.argv[-2:] == ("--scale", "gpu") and name not in parts_module.GPU_SHAPES
+        preset = importlib.import_module(f"benchmarks.{name}").GPU
+        assert 0 < preset["deadline_s"] <= parts_module.DEFAULT_SECONDS[name] - 5
+        assert "--scale" not in parts_module.benchmark_part(name, smoke=True).argv
+    projection = importlib.import_module("benchmarks.grouped_projection").GPU["cases"]
+    assert list(projection)[:2] == ["pefomed_1d_16img", "qwen2vl_2d_16img"]
+    assert projection["pefomed_1d_16img"] == (16, 1024, 1408, 4096, 4, "1d", None)
+    assert projection["qwen2vl_2d_16img"] == (16, 1024, 1280, 5120, 4, "2d", (32, 32))
+    assert sorted({shape[0] for shape in projection.values()}) == [1, 2, 4, 8, 16]
+    affine = importlib.import_module("benchmarks.affine_prompt").GPU["cases"]
+    assert affine[:2] == [(32, 32, 1, 4096, 256), (32, 32, 8, 4096, 256)]  # MRG-LLM: B=32, L=32, D=4096, K 1 and 8
+    assert sorted({case[0] for case in affine}) == [1, 2, 4, 8, 16, 32]
+    grouping = importlib.import_module("benchmarks.group_tokens").GPU["cases"]
+    assert grouping["group_2d_16img"] == (16, 1024, 1280, "2d", (32, 32), False)
+
+
 def test_gpu_shapes_name_fields_the_benchmarks_have():
     for name, shape in parts_module.GPU_SHAPES.items():
         full = importlib.import_module(f"benchmarks.{name}").FULL
