@@ -206,9 +206,11 @@ def build_eva(checkpoint: EvaCheckpoint, blocks: int, image_size: Optional[int] 
         raise ValueError(f"image_size={size} is not a multiple of the EVA patch size {checkpoint.patch_size}")
     dtype = dtype or next(v.dtype for v in checkpoint.state.values() if v.is_floating_point())
     try:
+        # Built on the meta device: timm's random init of a 1B-parameter ViT-g takes tens of seconds on a CPU and
+        # every value is overwritten by the checkpoint anyway.
         model = timm.create_model(checkpoint.architecture, pretrained=False, **checkpoint.model_args, depth=blocks,
                                   img_size=size, num_classes=0, global_pool="", use_fc_norm=False,
-                                  use_post_transformer_norm=False, device=device, dtype=dtype)
+                                  use_post_transformer_norm=False, device="meta", dtype=dtype)
     except (RuntimeError, TypeError) as err:  # timm: "Unknown model (...)"; model_args this timm lacks
         raise ValueError(f"{checkpoint.file}: timm cannot build architecture {checkpoint.architecture!r}: "
                          f"{err}") from None
@@ -220,10 +222,25 @@ def build_eva(checkpoint: EvaCheckpoint, blocks: int, image_size: Optional[int] 
     if state["pos_embed"].shape[1] != grid * grid + 1:
         state["pos_embed"] = interpolate_pos_embed(state["pos_embed"], grid)
     _check_state(model, state, checkpoint.file)
-    model.load_state_dict(state)
+    materialize(model, state, device or torch.device("cpu"), checkpoint.file)
     if gradient_checkpointing:
         model.set_grad_checkpointing(True)
     return EvaEncoder(model, size, checkpoint.patch_size)
+
+
+def materialize(model: nn.Module, state: dict, device: torch.device, file: Path) -> None:
+    """Give the meta-device `model` real storage on `device`: the checkpoint's values, then the non-persistent
+    buffers (not in any checkpoint: EVA's zero k_bias, RoPE tables) from timm's own init_non_persistent_buffers."""
+    owners = [module for module in model.modules()
+              if any(name in module._non_persistent_buffers_set for name, _ in module.named_buffers(recurse=False))]
+    lacking = sorted(type(module).__name__ for module in owners if not hasattr(module, "init_non_persistent_buffers"))
+    if lacking:
+        raise ValueError(f"{file}: this timm cannot initialise the non-persistent buffers of {few(lacking)} after a "
+                         "meta-device build; upgrade timm (pip install -U 'mrgfast[eva]')")
+    model.to_empty(device=device)
+    model.load_state_dict(state)
+    for module in owners:
+        module.init_non_persistent_buffers()
 
 
 def _kept(state: dict, blocks: int) -> dict:

@@ -359,3 +359,40 @@ def test_only_the_eva_module_imports_timm():
             if any(n == "timm" or n.startswith("timm.") for n in names):
                 importers.append(file.relative_to(ROOT).as_posix())
     assert sorted(set(importers)) == ["models/eva.py"]
+
+
+@needs_timm
+def test_meta_build_fills_every_tensor(timm_dir, monkeypatch):
+    """The tower is built on the meta device: every value must come from the checkpoint or timm's buffer init,
+    none from fresh storage (made NaN here, as uninitialised memory may hold anything)."""
+    model, path = timm_dir
+    to_empty = torch.nn.Module.to_empty
+
+    def dirty_to_empty(module, *, device, recurse=True):
+        module = to_empty(module, device=device, recurse=recurse)
+        with torch.no_grad():
+            for tensor in [*module.parameters(), *module.buffers()]:
+                if tensor.is_floating_point():
+                    tensor.fill_(float("nan"))
+        return module
+
+    monkeypatch.setattr(torch.nn.Module, "to_empty", dirty_to_empty)
+    tower = VisionTower.from_pretrained(path, select_layer=-1)
+    tensors = dict(tower.encoder.model.named_parameters()) | dict(tower.encoder.model.named_buffers())
+    assert not [name for name, t in tensors.items() if t.is_meta or (t.is_floating_point() and t.isnan().any())]
+    images = torch.randn(2, 3, SIZE, SIZE)
+    torch.testing.assert_close(tower(images).features, block_output(model, images, 3)[:, 1:], atol=1e-5, rtol=0)
+
+
+@needs_timm
+def test_meta_build_refuses_buffers_timm_cannot_fill(tmp_path):
+    """A module with a non-persistent buffer and no init_non_persistent_buffers cannot be materialised: error."""
+    from mrgfast.models.eva import materialize
+
+    class Odd(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("table", torch.empty(3, device="meta"), persistent=False)
+
+    with pytest.raises(ValueError, match=r"eva_vit_g\.pth.*Odd"):
+        materialize(Odd(), {}, torch.device("cpu"), tmp_path / "eva_vit_g.pth")
