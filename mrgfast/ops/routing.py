@@ -56,7 +56,7 @@ TABLE: dict[tuple[str, str, str], Optional[Route]] = {
     ("cuda", "affine_prompt", "prompt_out"): None,
     ("cuda", "affine_prompt", "book_new"): Route("triton", 2_097_152),
     ("cuda", "affine_prompt", "book_out"): Route("triton", 2_097_152),
-    # The 2-core CPU machine (AMD EPYC KVM guest), 2026-12-04, fp32, 1 thread (OMP_NUM_THREADS=1), the benchmarks'
+    # The 2-core CPU machine (Intel Xeon KVM guest), 2026-12-04, fp32, 1 thread (OMP_NUM_THREADS=1), the benchmarks'
     # quick sweeps (repeats 15) and full shapes, printed by `python -m benchmarks.crossover`: other helpers' jobs used
     # 71-85% of the cores meanwhile (others_cpu_share), so ratios within ~10% of 1 are noise. The projector is
     # GEMM-bound (kernel and eager share the GEMMs); the C++ grouping copy lost to the torch path's single permute copy
