@@ -84,7 +84,9 @@ def lora_dropout_backward_kernel(
         a = a.to(tl.float32)
     m_start = pid_split * rows_per_split
     m_end = tl.minimum(m_start + rows_per_split, M)
-    da = tl.zeros((R, BLOCK_K), dtype=tl.float32)
+    # dA^T [BLOCK_K, r], not dA [r, BLOCK_K]: a dot whose rows are BLOCK_K (>= 64) reaches sm_90's wgmma; r rows
+    # (16) would not.
+    da_t = tl.zeros((BLOCK_K, R), dtype=tl.float32)
     for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < m_end
@@ -105,14 +107,14 @@ def lora_dropout_backward_kernel(
             x = tl.where(keep, x, tl.zeros_like(x))
             if DOT_FP32:
                 x = x.to(tl.float32)
-            da = tl.dot(tl.trans(g), x, da, input_precision=PRECISION)
+            da_t = tl.dot(tl.trans(x), g, da_t, input_precision=PRECISION)
     if COMPUTE_DA:
-        tl.store(DA_PARTIAL + pid_split * RANK * K + offs_r[:, None] * K + offs_k[None, :], da,
-                 mask=mask_r[:, None] & mask_k[None, :])
+        tl.store(DA_PARTIAL + pid_split * RANK * K + offs_r[None, :] * K + offs_k[:, None], da_t,
+                 mask=mask_r[None, :] & mask_k[:, None])
 
 
 # (BLOCK_M, BLOCK_K, warps, stages). The down kernel keeps a [BLOCK_M, r] accumulator; the backward one a
-# [r, BLOCK_K] accumulator plus a [BLOCK_M, BLOCK_K] tile of dx and of x: a wide rank gets the smaller tiles first.
+# [BLOCK_K, r] accumulator plus a [BLOCK_M, BLOCK_K] tile of dx and of x: a wide rank gets the smaller tiles first.
 _DOWN_SHAPES = [(64, 128, 4, 3), (32, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 4), (128, 128, 8, 3)]
 _BACKWARD_SHAPES = [(64, 128, 4, 3), (64, 64, 4, 4), (128, 64, 8, 3), (32, 128, 4, 4), (128, 128, 8, 3)]
 
