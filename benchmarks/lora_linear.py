@@ -37,7 +37,8 @@ GPU = dict(tokens=8192, layers=[(4096, 4096, 16, "peft"), (4096, 4096, 64, "peft
 TARGET_OVER_FROZEN = {(False, False): 1.10, (True, False): 1.15, (False, True): 1.20, (True, True): 1.25}
 ADAPTERS = ("peft", "base")
 # The Triton backend's ablations: variant -> the environment it runs under.
-ABLATIONS = {"mrgfast_fused": {"MRGFAST_LORA_KERNEL": "fused"}, "mrgfast_base_first": {"MRGFAST_LORA_ORDER": "base_first"}}
+ABLATIONS = {"mrgfast_fused": {"MRGFAST_LORA_KERNEL": "fused"},
+             "mrgfast_base_first": {"MRGFAST_LORA_ORDER": "base_first"}}
 LORA_ALPHA = 32
 DROPOUT_P = 0.05  # PeFoMed's lora_dropout
 CHECK_SEED = 1234
