@@ -35,7 +35,6 @@ SMOKE_BUDGET = 900.0     # --cpu-smoke on 2 shared CI cores: generous, it proves
 # Shapes at which the benchmarks run on the GPU (`--set` on top of their FULL shapes): those of the first H200 run
 # (shared/gpu-runs/2026-12-04), warm-up long enough to cover compilation and tuning, repeats for a stable median.
 GPU_SHAPES = {
-    "lora_linear": dict(tokens=8192, warmup=5, repeats=40),
     # Qwen2-7B's head; few repeats: the naive path takes ~0.7 s a step there, and the Liger peer cases follow.
     "linear_cross_entropy": dict(tokens=16384, hidden=3584, vocab=152064, warmup=1, repeats=5),
     # The elementwise regions at their full (1B-class) shapes: 16,384 tokens, hidden 2048, intermediate 8192.
@@ -43,10 +42,12 @@ GPU_SHAPES = {
     "rope": dict(warmup=5, repeats=30),
     "swiglu": dict(warmup=5, repeats=30),
 }
-# These run at their own `--scale gpu` shapes: the end-to-end benchmarks (a 0.75B decoder, 8192 tokens per step), and
-# the routed ops' benchmarks (the issue's training sizes, then a size sweep cut by each preset's deadline_s to fit its
-# share above: their cases' "kernels" and "routing" figures make the suite's routing_table.txt).
-GPU_SCALE = ("e2e_sft", "e2e_dpo", "grouped_projection", "group_tokens", "affine_prompt")
+# These run at their own `--scale gpu` shapes: the end-to-end benchmarks (a 0.75B decoder, 8192 tokens per step);
+# lora_linear (issue 20's layers: 8192 tokens, 4096 x 4096 at r=16 and 64, 4096 <-> 11008, adapters in the base dtype;
+# it writes its report after every layer, so a cut time box keeps the layers done); and the routed ops' benchmarks
+# (the issue's training sizes, then a size sweep cut by each preset's deadline_s to fit its share above: their cases'
+# "kernels" and "routing" figures make the suite's routing_table.txt).
+GPU_SCALE = ("e2e_sft", "e2e_dpo", "lora_linear", "grouped_projection", "group_tokens", "affine_prompt")
 # --cpu-smoke: every benchmark at its quick shapes, one untimed-warm-up-free repeat: it proves the part runs.
 SMOKE_SHAPES = dict(warmup=0, repeats=1)
 # Benchmarks whose shapes sweep sizes until a deadline: under --cpu-smoke a deadline of 0 runs their first case only.

@@ -1,5 +1,6 @@
 """Fused LoRA linear: y = x W^T + b + scaling * (drop(x) A^T) B^T, with PEFT's shapes."""
 
+import os
 from typing import Optional
 
 import torch
@@ -10,13 +11,29 @@ from mrgfast.ops.backends.torch import lora_linear as torch_kernels
 from mrgfast.ops.dropout import new_seed, torch_keep_mask
 
 IMPLEMENTED = ("cpu", "triton")
+# The Triton backend's design: split (cuBLAS GEMMs + small r-wide Triton kernels, the default) or fused (the
+# earlier one-kernel-per-tile design, kept as an ablation). Read at every call, so benchmarks can switch it.
+KERNEL_ENV = "MRGFAST_LORA_KERNEL"
+TRITON_DESIGNS = ("split", "fused")
 
 
-def kernels(backend: str):
-    """The kernels of `backend`: fused torch ("cpu"), or Triton's, imported here as triton is optional."""
+def triton_design() -> str:
+    """MRGFAST_LORA_KERNEL: split (default) or fused; anything else is an error naming the choices."""
+    value = os.environ.get(KERNEL_ENV, "").strip().lower() or TRITON_DESIGNS[0]
+    if value not in TRITON_DESIGNS:
+        raise ValueError(f"{KERNEL_ENV}={value!r}: expected one of {', '.join(TRITON_DESIGNS)}")
+    return value
+
+
+def kernels(backend: str, design: Optional[str] = None):
+    """The kernels of `backend`: torch ("cpu"), or Triton's split or fused design (imported here: triton is
+    optional); `design` defaults to triton_design()."""
     if backend == "triton":
-        from mrgfast.ops.backends.triton import lora_linear as triton_kernels
-        return triton_kernels
+        if (design or triton_design()) == "fused":
+            from mrgfast.ops.backends.triton import lora_fused
+            return lora_fused
+        from mrgfast.ops.backends.triton import lora_linear as triton_split
+        return triton_split
     return torch_kernels
 
 
@@ -66,36 +83,43 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tenso
         seed = new_seed()
     backend = select_backend("lora_linear", x, IMPLEMENTED)
     x2d = x.reshape(-1, x.shape[-1])
-    # Adapters may be kept in fp32 beside a bf16 base (PEFT's autocast_adapter_dtype): compute in x's dtype.
-    lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
     if bias is not None:
         bias = bias.to(x.dtype)
     if backend == "reference":
         keep = torch_keep_mask(x2d.shape[0], x2d.shape[1], p, seed, x.device) if p > 0.0 else None
-        y = reference_lora_linear(x2d, weight, bias, lora_a, lora_b, float(scaling), keep, p)
+        y = reference_lora_linear(x2d, weight, bias, lora_a.to(x.dtype), lora_b.to(x.dtype), float(scaling), keep, p)
     else:
-        y = LoRALinearFunction.apply(x2d, weight, bias, lora_a, lora_b, float(scaling), p, seed, backend)
+        module = kernels(backend)  # chosen once: backward runs the same design as forward
+        y = LoRALinearFunction.apply(x2d, weight, bias, lora_a, lora_b, float(scaling), p, seed, module)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 class LoRALinearFunction(torch.autograd.Function):
-    """Autograd for 2-D LoRA linear; saves x and the r-wide x A^T, never the dropout mask."""
+    """Autograd for 2-D LoRA linear; saves x and the r-wide x A^T, never the dropout mask.
+
+    Adapters may be kept in fp32 beside a bf16 base (PEFT's autocast_adapter_dtype): the kernels compute in x's
+    dtype (the adapters cast, [r, in] and [out, r] only), and the adapters' gradients come back in their own dtype
+    (the split design accumulates them in fp32 over every token; the others return x's dtype, cast up here).
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, backend):
-        module = kernels(backend)
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, module):
+        adapter_dtypes = (lora_a.dtype, lora_b.dtype)
+        lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
         y, xa = module.lora_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
         ctx.save_for_backward(x, weight, lora_a, lora_b, xa)
-        ctx.config = (scaling, dropout_p, seed, backend, bias is not None)
+        ctx.config = (scaling, dropout_p, seed, module, bias is not None, adapter_dtypes)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, lora_a, lora_b, xa = ctx.saved_tensors
-        scaling, dropout_p, seed, backend, has_bias = ctx.config
+        scaling, dropout_p, seed, module, has_bias, (a_dtype, b_dtype) = ctx.config
         needs = ctx.needs_input_grad
-        grads = kernels(backend).lora_backward(
+        grad_x, grad_w, grad_bias, grad_a, grad_b = module.lora_backward(
             grad_y.contiguous(), x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed,
             need_x=needs[0], need_weight=needs[1], need_bias=has_bias and needs[2],
             need_a=needs[3], need_b=needs[4])
-        return (*grads, None, None, None, None)
+        grad_a = grad_a.to(a_dtype) if grad_a is not None else None
+        grad_b = grad_b.to(b_dtype) if grad_b is not None else None
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, None, None, None

@@ -34,8 +34,10 @@ def lora_qkv_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_as: 
     share one dropout mask of x (PEFT draws one per projection; both are unbiased dropout of the input).
     """
     out_sizes = check_qkv_args(weight, bias, lora_as, lora_bs, scalings)
-    stacked_a = torch.cat([a.to(x.dtype) for a in lora_as])
-    block_b = torch.block_diag(*[b.to(x.dtype) * float(s) for b, s in zip(lora_bs, scalings)])
+    # In the adapters' own dtype (fp32 beside a bf16 base, as PEFT keeps them): lora_linear computes in x's dtype
+    # and returns the adapters' gradients in theirs (the split design accumulates them in fp32).
+    stacked_a = torch.cat(list(lora_as))
+    block_b = torch.block_diag(*[b * float(s) for b, s in zip(lora_bs, scalings)])
     y = lora_linear(x, weight, bias, stacked_a, block_b, 1.0, dropout_p, training, seed)
     return tuple(y.split(out_sizes, dim=-1))
 

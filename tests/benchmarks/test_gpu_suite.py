@@ -42,8 +42,9 @@ def test_benchmarks_are_found_by_what_they_are(monkeypatch, tmp_path):
 
 
 def test_gpu_shapes_are_passed_as_overrides():
-    part = parts_module.benchmark_part("lora_linear", smoke=False)
-    assert "--quick" not in part.argv and "tokens=8192" in part.argv
+    part = parts_module.benchmark_part("linear_cross_entropy", smoke=False)
+    assert "--quick" not in part.argv and "tokens=16384" in part.argv
+    assert parts_module.benchmark_part("lora_linear", smoke=False).argv[-2:] == ("--scale", "gpu")
     assert parts_module.benchmark_part("e2e_sft", smoke=False).argv[-2:] == ("--scale", "gpu")
     assert "--scale" not in parts_module.benchmark_part("e2e_sft", smoke=True).argv
     assert parts_module.benchmark_part("e2e_dpo", smoke=False).requires == ("trl",)

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from mrgfast.ops import lora_linear, reference_lora_linear
-from tests.ops.lora_cases import BACKENDS, assert_close, keep_mask_of, use_backend
+from tests.ops.lora_cases import LORA_BACKENDS, assert_close, keep_mask_of, use_backend
 
-# (leading dims, in, out, r): none a multiple of the kernels' blocks, r across {1, 8, 64}.
-SHAPES = [((37,), 45, 29, 1), ((2, 9), 33, 50, 8), ((1,), 17, 3, 64), ((19,), 70, 66, 5)]
+# (leading dims, in, out, r): tokens 1, 18, 19, 37, 129; in/out not multiples of 16; r across {1, 5, 8, 16, 64}.
+SHAPES = [((37,), 45, 29, 1), ((2, 9), 33, 50, 8), ((1,), 17, 3, 64), ((19,), 70, 66, 5), ((129,), 40, 23, 16)]
 
 
 def make_inputs(lead, n_in, n_out, rank, dtype, bias=True, weight_grad=False, seed=0):
@@ -31,14 +31,15 @@ def run_and_grads(fn, tensors, grad_y):
     return y, grads
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LORA_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("lead,n_in,n_out,rank", SHAPES)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25], ids=["nodrop", "drop"])
-def test_matches_reference(monkeypatch, backend, dtype, lead, n_in, n_out, rank, bias, dropout_p):
+@pytest.mark.parametrize("weight_grad", [True, False], ids=["trainedW", "frozenW"])
+def test_matches_reference(monkeypatch, backend, dtype, lead, n_in, n_out, rank, bias, dropout_p, weight_grad):
     use_backend(monkeypatch, backend)
-    x, weight, b, lora_a, lora_b, grad_y = make_inputs(lead, n_in, n_out, rank, dtype, bias, weight_grad=True)
+    x, weight, b, lora_a, lora_b, grad_y = make_inputs(lead, n_in, n_out, rank, dtype, bias, weight_grad)
     tensors = (x, weight, b, lora_a, lora_b)
     seed, scaling = 1234, 0.625
     y, grads = run_and_grads(
@@ -58,7 +59,7 @@ def test_matches_reference(monkeypatch, backend, dtype, lead, n_in, n_out, rank,
         assert_close(got, want, dtype, name)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LORA_BACKENDS)
 def test_empty_and_single_token(monkeypatch, backend):
     use_backend(monkeypatch, backend)
     for tokens in (0, 1):
@@ -73,7 +74,7 @@ def test_empty_and_single_token(monkeypatch, backend):
             assert not weight.grad.any() and not lora_a.grad.any() and not lora_b.grad.any()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LORA_BACKENDS)
 def test_dropout_reproducible_from_seed(monkeypatch, backend):
     use_backend(monkeypatch, backend)
     x, weight, b, lora_a, lora_b, grad_y = make_inputs((23,), 31, 19, 8, torch.float32)
@@ -86,7 +87,7 @@ def test_dropout_reproducible_from_seed(monkeypatch, backend):
     assert torch.allclose(eval_out, reference_lora_linear(x, weight, b, lora_a, lora_b, 1.0), atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LORA_BACKENDS)
 def test_unseeded_dropout_follows_torch_manual_seed(monkeypatch, backend):
     use_backend(monkeypatch, backend)
     x, weight, b, lora_a, lora_b, _ = make_inputs((12,), 16, 16, 4, torch.float32)
@@ -97,7 +98,7 @@ def test_unseeded_dropout_follows_torch_manual_seed(monkeypatch, backend):
     assert torch.equal(outs[0], outs[1])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LORA_BACKENDS)
 def test_frozen_weight_gets_no_gradient(monkeypatch, backend):
     use_backend(monkeypatch, backend)
     x, weight, b, lora_a, lora_b, grad_y = make_inputs((9,), 21, 13, 3, torch.float32, weight_grad=False)
@@ -106,7 +107,7 @@ def test_frozen_weight_gets_no_gradient(monkeypatch, backend):
     assert x.grad is not None and lora_a.grad is not None and lora_b.grad is not None
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LORA_BACKENDS)
 def test_adapter_gradients_without_input_gradient(monkeypatch, backend):
     use_backend(monkeypatch, backend)
     x, weight, b, lora_a, lora_b, grad_y = make_inputs((15,), 24, 20, 6, torch.float32)
@@ -119,16 +120,28 @@ def test_adapter_gradients_without_input_gradient(monkeypatch, backend):
     assert_close(lora_b.grad, b_ref.grad, torch.float32, "dB")
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_fp32_adapters_beside_bf16_base(monkeypatch, backend):
+@pytest.mark.parametrize("backend", LORA_BACKENDS)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25], ids=["nodrop", "drop"])
+def test_fp32_adapters_beside_bf16_base(monkeypatch, backend, dropout_p):
     use_backend(monkeypatch, backend)
-    x, weight, b, _, _, grad_y = make_inputs((10,), 18, 14, 4, torch.bfloat16)
-    lora_a = (torch.randn(4, 18) * 0.3).requires_grad_()
-    lora_b = (torch.randn(14, 4) * 0.3).requires_grad_()
-    y = lora_linear(x, weight, b, lora_a, lora_b, 1.0)
+    x, weight, b, _, _, grad_y = make_inputs((37,), 18, 14, 5, torch.bfloat16)
+    g = torch.Generator().manual_seed(1)
+    lora_a = (torch.randn(5, 18, generator=g) * 0.3).requires_grad_()
+    lora_b = (torch.randn(14, 5, generator=g) * 0.3).requires_grad_()
+    tensors = (x, b, lora_a, lora_b)
+    y, grads = run_and_grads(
+        lambda: lora_linear(x, weight, b, lora_a, lora_b, 0.75, dropout_p, training=True, seed=11), tensors, grad_y)
     assert y.dtype == torch.bfloat16
-    y.backward(grad_y)
-    assert lora_a.grad.dtype == torch.float32 and lora_b.grad.dtype == torch.float32
+    assert [t.dtype for t in grads] == [torch.bfloat16, torch.bfloat16, torch.float32, torch.float32]
+    # The oracle: fp32 on the values the kernels see (x, W, b as given; the adapters rounded to bf16).
+    keep = keep_mask_of(backend, 37, 18, dropout_p, 11)
+    as32 = [t.detach().float().requires_grad_() for t in tensors]
+    y_ref, grads_ref = run_and_grads(
+        lambda: reference_lora_linear(as32[0], weight.float(), as32[1], as32[2].bfloat16().float(),
+                                      as32[3].bfloat16().float(), 0.75, keep, dropout_p), as32, grad_y.float())
+    assert_close(y, y_ref, torch.bfloat16, "y")
+    for name, got, want in zip(("dx", "db", "dA", "dB"), grads, grads_ref):
+        assert_close(got, want, torch.bfloat16, name)
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -148,7 +161,7 @@ def test_bad_input_names_the_problem(bad, match):
         lora_linear(**args, training=True)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LORA_BACKENDS)
 def test_autocast_computes_in_the_autocast_dtype(monkeypatch, backend):
     use_backend(monkeypatch, backend)
     x, weight, b, lora_a, lora_b, grad_y = make_inputs((13,), 24, 20, 4, torch.float32)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mrgfast.ops import lora_qkv_linear, reference_lora_linear, reference_lora_qkv_linear
-from tests.ops.lora_cases import BACKENDS, assert_close, keep_mask_of, use_backend
+from tests.ops.lora_cases import LORA_BACKENDS, assert_close, keep_mask_of, use_backend
 
 
 def make_projections(n_in, outs, ranks, dtype, bias=True, seed=0):
@@ -19,7 +19,7 @@ def make_projections(n_in, outs, ranks, dtype, bias=True, seed=0):
     return x, weights, biases, lora_as, lora_bs
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", LORA_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.1], ids=["nodrop", "drop"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
@@ -47,6 +47,31 @@ def test_matches_separate_projections(monkeypatch, backend, dtype, dropout_p, bi
         assert_close(got.reshape(-1, got.shape[-1]), want, dtype, name)
     for index, (got, want) in enumerate(zip(grads, grads_ref)):
         assert_close(got.reshape(want.shape), want, dtype, f"grad {index}")
+
+
+@pytest.mark.parametrize("backend", LORA_BACKENDS)
+def test_fp32_adapters_beside_bf16_base(monkeypatch, backend):
+    use_backend(monkeypatch, backend)
+    outs, ranks, scalings = (24, 8, 8), (4, 2, 1), (2.0, 0.5, 1.0)
+    x, weights, biases, lora_as, lora_bs = make_projections(20, outs, ranks, torch.bfloat16)
+    lora_as = [a.detach().float().requires_grad_() for a in lora_as]
+    lora_bs = [b.detach().float().requires_grad_() for b in lora_bs]
+    outputs = lora_qkv_linear(x, torch.cat(weights), torch.cat(biases), lora_as, lora_bs, scalings, 0.1,
+                              training=True, seed=9)
+    upstream = [torch.randn(t.shape, generator=torch.Generator().manual_seed(i)).bfloat16()
+                for i, t in enumerate(outputs)]
+    params = [x, *lora_as, *lora_bs]
+    grads = torch.autograd.grad(outputs, params, upstream)
+    assert [g.dtype for g in grads] == [torch.bfloat16] + [torch.float32] * 6
+    as32 = [p.detach().float().requires_grad_() for p in params]
+    keep = keep_mask_of(backend, 33, 20, 0.1, 9)
+    refs = reference_lora_qkv_linear(as32[0].reshape(-1, 20), [w.float() for w in weights], [b.float() for b in biases],
+                                     as32[1:4], as32[4:], scalings, keep, 0.1)
+    grads_ref = torch.autograd.grad(refs, as32, [u.float().reshape(-1, u.shape[-1]) for u in upstream])
+    for name, got, want in zip("qkv", outputs, refs):
+        assert_close(got.reshape(want.shape), want, torch.bfloat16, name)
+    for index, (got, want) in enumerate(zip(grads, grads_ref)):
+        assert_close(got.reshape(want.shape), want, torch.bfloat16, f"grad {index}")
 
 
 def test_outputs_are_views_of_one_buffer():

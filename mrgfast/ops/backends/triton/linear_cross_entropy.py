@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from mrgfast.ops.backends.triton.common import launch_settings, split_for_parallelism
-from mrgfast.ops.backends.triton.lora_linear import matmul_tn
+from mrgfast.ops.backends.triton.lora_fused import matmul_tn
 from mrgfast.ops.backends.triton.tuning import Tuned, token_bucket
 
 # With a frozen head, the forward can form dL/dh (as Liger does): per chunk of tokens, the logits from

@@ -16,7 +16,7 @@ from tests.ops.lora_cases import assert_close, keep_mask_of
 
 pytestmark = pytest.mark.triton
 
-TRITON_MODULES = ("lora_linear", "linear_cross_entropy", "grouped_projection", "rms_norm")
+TRITON_MODULES = ("lora_linear", "lora_fused", "linear_cross_entropy", "grouped_projection", "rms_norm")
 
 
 @pytest.fixture
@@ -33,6 +33,8 @@ def gpu_branch(monkeypatch, tuner_env):
         monkeypatch.setattr(module, "launch_settings", lambda tensor: settings)
         if hasattr(module, "split_for_parallelism"):  # it reads the GPU's SM count; 2 exercises split reductions
             monkeypatch.setattr(module, "split_for_parallelism", lambda *args, **kwargs: 2)
+        if hasattr(module, "multiprocessors"):  # the GPU's SM count, for the split LoRA's dA token ranges
+            monkeypatch.setattr(module, "multiprocessors", lambda device: 64)
     timings = iter(range(10**6, 0, -1))  # each candidate measures faster than the one before: the last one wins
     monkeypatch.setattr(tuning, "do_bench", lambda fn: (fn(), float(next(timings)))[1])
     monkeypatch.setenv("MRGFAST_BACKEND", "triton")
@@ -42,24 +44,40 @@ def gpu_branch(monkeypatch, tuner_env):
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 
 
+# The kernels each LoRA design tunes (the split design runs cuBLAS, plus its two kernels when there is dropout).
+LORA_TUNED = {
+    ("split", 0.0): set(),
+    ("split", 0.25): {"lora_down_kernel", "lora_dropout_backward_kernel"},
+    ("fused", 0.0): {"lora_forward_kernel", "lora_grad_input_kernel", "matmul_tn_kernel"},
+    ("fused", 0.25): {"lora_forward_kernel", "lora_grad_input_kernel", "matmul_tn_kernel"},
+}
+
+
 @DTYPES
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25], ids=["nodrop", "drop"])
-def test_lora_linear(gpu_branch, dtype, dropout_p):
+@pytest.mark.parametrize("design", ["split", "fused"])
+def test_lora_linear(gpu_branch, monkeypatch, dtype, dropout_p, design):
     from mrgfast.ops import lora_linear, reference_lora_linear
     from tests.ops.test_lora_linear import make_inputs
 
-    x, weight, b, lora_a, lora_b, grad_y = make_inputs((37,), 45, 29, 5, dtype, weight_grad=True)
+    monkeypatch.setenv("MRGFAST_LORA_KERNEL", design)
+    # 300 tokens: two dA token ranges of the split design (64 SMs stand in, ranges are multiples of 128 tokens).
+    tokens = 300 if design == "split" else 37
+    x, weight, b, lora_a, lora_b, grad_y = make_inputs((tokens,), 45, 29, 5, dtype, weight_grad=True)
     tensors = (x, weight, b, lora_a, lora_b)
     y = lora_linear(x, weight, b, lora_a, lora_b, 1.5, dropout_p, training=True, seed=3)
     grads = torch.autograd.grad(y, tensors, grad_y)
     as32 = [t.detach().float().requires_grad_() for t in tensors]
-    y_ref = reference_lora_linear(*as32, 1.5, keep_mask_of("triton", 37, 45, dropout_p, 3), dropout_p)
+    y_ref = reference_lora_linear(*as32, 1.5, keep_mask_of("triton", tokens, 45, dropout_p, 3), dropout_p)
     assert_close(y, y_ref, dtype, "y")
     for name, got, want in zip(("dx", "dW", "db", "dA", "dB"), grads, torch.autograd.grad(y_ref, as32, grad_y)):
         assert_close(got, want, dtype, name)
-    tuned = {event.kernel for event in gpu_branch}
-    assert tuned == {"lora_forward_kernel", "lora_grad_input_kernel", "matmul_tn_kernel"}
+    assert {event.kernel for event in gpu_branch} == LORA_TUNED[design, dropout_p]
     assert all("BLOCK_M=" in event.config for event in gpu_branch)
+    # The split design's keys: the token bucket, K and the padded rank, then the dtypes and flags.
+    for event in gpu_branch:
+        if design == "split":
+            assert event.key[1:4] == (512, 45, 16), event.key
 
 
 @DTYPES

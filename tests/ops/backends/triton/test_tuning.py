@@ -24,7 +24,7 @@ def lora_forward_args(tokens: int) -> tuple:
 
 
 def test_lora_key_maps_every_token_count_of_a_bucket_to_one_key():
-    from mrgfast.ops.backends.triton.lora_linear import _tuned_forward
+    from mrgfast.ops.backends.triton.lora_fused import _tuned_forward
 
     tuned = _tuned_forward(False)
     flags = dict(HAS_BIAS=False, HAS_DROPOUT=True, R=16, GROUP_M=8, DOT_FP32=False, PRECISION="ieee")
