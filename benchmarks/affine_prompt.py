@@ -162,16 +162,13 @@ def main() -> None:
                       "triton / cuda / cpu = that kernel forced",
               "headline": "least favourable case: seq_* mrgfast (auto, in place) vs eager, op_* mrgfast vs eager; "
                           "fused_cat_* = the op (auto) + torch.cat"}
-    results, skipped = {}, []
+    cases = []
     for b, l, k, d, t in shape["cases"]:
-        cases = {f"seq_B{b}_L{l}_K{k}_D{d}_T{t}": measure_sequence, f"op_B{b}_L{l}_K{k}_D{d}": measure_op}
-        for label, measure in cases.items():
-            if results and run.past_deadline():  # the first case (the training size) always runs
-                skipped.append(label)
-                continue
-            results[label] = measure((b, l, k, d, t), dtype, device, shape)
-            run.checkpoint({**config, "not_measured": skipped}, results)
-    run.report({**config, "not_measured": skipped}, results)
+        for label, measure in {f"seq_B{b}_L{l}_K{k}_D{d}_T{t}": measure_sequence,
+                               f"op_B{b}_L{l}_K{k}_D{d}": measure_op}.items():
+            cases.append((label, lambda label=label, measure=measure, case=(b, l, k, d, t):
+                          {label: measure(case, dtype, device, shape)}))
+    run.sweep(config, cases)
 
 
 if __name__ == "__main__":

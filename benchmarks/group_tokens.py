@@ -76,14 +76,8 @@ def main() -> None:
     deadline), writing the report after each."""
     run = harness.open_run(NAME, __doc__, QUICK, FULL, GPU)
     config = op_config(run, NAME, IMPLEMENTED, STEP, HEADLINE)
-    results, skipped = {}, []
-    for case, shape in run.shape["cases"].items():
-        if results and run.past_deadline():  # the first case (the training size) always runs
-            skipped.append(case)
-            continue
-        results[case] = measure_grouping(run, case, *shape)
-        run.checkpoint({**config, "not_measured": skipped}, results)
-    run.report({**config, "not_measured": skipped}, results)
+    run.sweep(config, [(case, lambda case=case, shape=shape: {case: measure_grouping(run, case, *shape)})
+                       for case, shape in run.shape["cases"].items()])
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -170,6 +170,20 @@ class Run:
         starts no further case after it (its first always runs), so it ends inside the GPU suite's time box."""
         deadline = self.shape.get("deadline_s")
         return deadline is not None and time.monotonic() - self.started["busy_start"][0] > deadline
+
+
+    def sweep(self, fields: dict, cases: Iterable[tuple[str, Callable[[], dict]]]) -> dict:
+        """Run each (label, measure) case in order, measure() returning {result label: result}, until past_deadline()
+        (the first case, the training size, always runs); checkpoint after each, list the cut ones under
+        "not_measured", and write the report."""
+        results, skipped = {}, []
+        for label, measure in cases:
+            if results and self.past_deadline():
+                skipped.append(label)
+                continue
+            results.update(measure())
+            self.checkpoint({**fields, "not_measured": skipped}, results)
+        return self.report({**fields, "not_measured": skipped}, results)
 
 
 def open_run(name: str, description: str, quick: dict, full: dict, gpu: Optional[dict] = None) -> Run:

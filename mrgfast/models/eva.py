@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from mrgfast.common.names import few
+from mrgfast.common.names import few, key_mismatch
 
 TIMM_WEIGHTS = "model.safetensors"
 LAVIS_FILE = "eva_vit_g.pth"
@@ -261,15 +261,9 @@ def _check_state(model: nn.Module, state: dict, file: Path) -> None:
     unexpected = sorted(set(state) - set(expected))
     wrong = [f"{k} {tuple(state[k].shape)} (expected {tuple(expected[k].shape)})"
              for k in sorted(set(state) & set(expected)) if state[k].shape != expected[k].shape]
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} weight(s): {few(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected weight(s): {few(unexpected)}")
-    if wrong:
-        problems.append(f"{len(wrong)} weight(s) of the wrong shape: {few(wrong)}")
+    problems = key_mismatch(missing, unexpected, wrong)
     if problems:
-        raise ValueError(f"{file}: does not match the EVA it describes; " + "; ".join(problems))
+        raise ValueError(f"{file}: does not match the EVA it describes; {problems}")
 
 
 def interpolate_pos_embed(pos_embed: Tensor, grid: int) -> Tensor:

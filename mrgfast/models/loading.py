@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from mrgfast.common.names import few
+from mrgfast.common.names import key_mismatch
 from mrgfast.models.config import DecoderConfig, hf_architecture
 from mrgfast.models.decoder import Decoder
 
@@ -97,13 +97,9 @@ def check_keys(expected: dict, names: dict, path: Path) -> None:
     """ValueError naming the weights the checkpoint lacks and the ones the Decoder has no place for."""
     missing = sorted(set(expected) - set(names))
     unexpected = sorted(names[n] for n in set(names) - set(expected))
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} weight(s): {few(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected weight(s): {few(unexpected)}")
+    problems = key_mismatch(missing, unexpected)
     if problems:
-        raise ValueError(f"{path}: checkpoint does not match config.json; " + "; ".join(problems))
+        raise ValueError(f"{path}: checkpoint does not match config.json; {problems}")
 
 
 def assign_parameter(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
