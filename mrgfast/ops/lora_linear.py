@@ -95,7 +95,8 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_a: Tenso
 
 
 class LoRALinearFunction(torch.autograd.Function):
-    """Autograd for 2-D LoRA linear; saves x and the r-wide x A^T, never the dropout mask.
+    """Autograd for 2-D LoRA linear; saves x, the r-wide x A^T and what the backend keeps (`saved`): the GPU designs
+    redraw the dropout mask from its seed; the CPU one keeps it as bits (1/8 byte an element of x).
 
     Adapters may be kept in fp32 beside a bf16 base (PEFT's autocast_adapter_dtype): the kernels compute in x's
     dtype (the adapters cast, [r, in] and [out, r] only), and the adapters' gradients come back in their own dtype
@@ -106,18 +107,18 @@ class LoRALinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed, module):
         adapter_dtypes = (lora_a.dtype, lora_b.dtype)
         lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
-        y, xa = module.lora_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
-        ctx.save_for_backward(x, weight, lora_a, lora_b, xa)
+        y, saved = module.lora_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, *saved)
         ctx.config = (scaling, dropout_p, seed, module, bias is not None, adapter_dtypes)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, weight, lora_a, lora_b, xa = ctx.saved_tensors
+        x, weight, lora_a, lora_b, *saved = ctx.saved_tensors
         scaling, dropout_p, seed, module, has_bias, (a_dtype, b_dtype) = ctx.config
         needs = ctx.needs_input_grad
         grad_x, grad_w, grad_bias, grad_a, grad_b = module.lora_backward(
-            grad_y.contiguous(), x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed,
+            grad_y.contiguous(), x, weight, lora_a, lora_b, tuple(saved), scaling, dropout_p, seed,
             need_x=needs[0], need_weight=needs[1], need_bias=has_bias and needs[2],
             need_a=needs[3], need_b=needs[4])
         grad_a = grad_a.to(a_dtype) if grad_a is not None else None

@@ -64,65 +64,74 @@ def block_rows(cols: int) -> int:
     return max(1, BLOCK_ELEMENTS // max(cols, 1))
 
 
-def keep_blocks(rows: int, cols: int, p: float, seed: int, rows_per_block: int,
-                dtype: torch.dtype) -> Iterator[tuple[int, int, Tensor]]:
-    """(start, stop, keep) for consecutive row blocks of torch_keep_mask(rows, cols, p, seed) as 1/0 in dtype.
+def keep_blocks(rows: int, cols: int, p: float, seed: int, rows_per_block: int) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(start, stop, flags) for consecutive row blocks of torch_keep_mask(rows, cols, p, seed), as numpy bools.
 
-    `keep` is a view of one buffer that the next block overwrites: callers may scribble on it, and must be
-    done with it before asking for the next block. A float mask, not bool: torch multiplies float by bool
-    ~5x slower than float by float. Draws come from this thread's one generator: exhaust one keep_blocks
-    before starting another in the same thread.
+    `flags` is a view of one buffer that the next block overwrites: callers must be done with it before asking for
+    the next block. Draws come from this thread's one generator: exhaust one keep_blocks before starting another in
+    the same thread.
     """
-    buffer = torch.empty(min(rows_per_block, rows), cols, dtype=dtype)
+    flags = np.empty((min(rows_per_block, rows), cols), dtype=bool)
     if not fast_draws_usable(seed):
-        mask = torch_keep_mask(rows, cols, p, seed, torch.device("cpu"))
+        mask = torch_keep_mask(rows, cols, p, seed, torch.device("cpu")).numpy()
         for start in range(0, rows, rows_per_block):
             stop = min(start + rows_per_block, rows)
-            yield start, stop, buffer[: stop - start].copy_(mask[start:stop])
+            yield start, stop, mask[start:stop]
         return
     state = seeded_state(seed)
     threshold = keep_threshold(p)
-    # numpy writes float32/float64 masks straight into the torch buffer; other dtypes go through bool.
-    direct = dtype in (torch.float32, torch.float64)
-    flags = None if direct else torch.empty(buffer.shape, dtype=torch.bool)
     for start in range(0, rows, rows_per_block):
         stop = min(start + rows_per_block, rows)
-        keep = buffer[: stop - start]
         draws = state.randint(0, 1 << DRAW_BITS, size=(stop - start, cols), dtype=np.uint32)
-        if direct:
-            np.greater_equal(draws, threshold, out=keep.numpy(), casting="unsafe")
-        else:
-            np.greater_equal(draws, threshold, out=flags[: stop - start].numpy())
-            keep.copy_(flags[: stop - start])
-        yield start, stop, keep
+        yield start, stop, np.greater_equal(draws, threshold, out=flags[: stop - start])
 
 
-def dropped_xa(x: Tensor, lora_a: Tensor, dropout_p: float, seed: int) -> Tensor:
-    """drop(x) A^T [tokens, r], built block by block; 1/(1-p) is applied to the r-wide result."""
+def as_float(flags: np.ndarray, buffer: Tensor) -> Tensor:
+    """The bool `flags` as 1/0 in the leading rows of `buffer` (a float mask: torch multiplies float by bool ~5x
+    slower than float by float)."""
+    return buffer[: flags.shape[0]].copy_(torch.from_numpy(flags))
+
+
+def dropped_xa(x: Tensor, lora_a: Tensor, dropout_p: float, seed: int) -> tuple[Tensor, Tensor]:
+    """(drop(x) A^T [tokens, r], the keep mask packed 8 flags a byte [tokens, ceil(in/8)]), block by block;
+    1/(1-p) is applied to the r-wide result."""
     rows, cols = x.shape
+    per_block = block_rows(cols)
     xa = torch.empty(rows, lora_a.shape[0], dtype=x.dtype)
-    for start, stop, keep in keep_blocks(rows, cols, dropout_p, seed, block_rows(cols), x.dtype):
-        torch.mm(keep.mul_(x[start:stop]), lora_a.t(), out=xa[start:stop])
-    return xa.mul_(1.0 / (1.0 - dropout_p))
+    keep_bits = torch.empty(rows, (cols + 7) // 8, dtype=torch.uint8)
+    keep = torch.empty(min(per_block, rows), cols, dtype=x.dtype)
+    for start, stop, flags in keep_blocks(rows, cols, dropout_p, seed, per_block):
+        keep_bits[start:stop] = torch.from_numpy(np.packbits(flags, axis=1))
+        torch.mm(as_float(flags, keep).mul_(x[start:stop]), lora_a.t(), out=xa[start:stop])
+    return xa.mul_(1.0 / (1.0 - dropout_p)), keep_bits
 
 
-def dropped_grads(x: Tensor, lora_a: Tensor, dyb: Tensor, grad_x: Optional[Tensor], dropout_p: float, seed: int,
+def dropped_grads(x: Tensor, lora_a: Tensor, dyb: Tensor, grad_x: Optional[Tensor], keep_bits: Tensor,
                   need_a: bool) -> Optional[Tensor]:
-    """Write keep * (dyb A) into grad_x (if given); return dyb^T (keep * x) if need_a. dyb carries 1/(1-p)."""
+    """Write keep * (dyb A) into grad_x (if given); return dyb^T (keep * x) if need_a. dyb carries 1/(1-p); the
+    mask comes from forward's `keep_bits`."""
     rows, cols = x.shape
     per_block = block_rows(cols)
     grad_a = torch.zeros(lora_a.shape, dtype=x.dtype) if need_a else None
-    for start, stop, keep in keep_blocks(rows, cols, dropout_p, seed, per_block, x.dtype):
+    keep = torch.empty(min(per_block, rows), cols, dtype=x.dtype)
+    for start in range(0, rows, per_block):
+        stop = min(start + per_block, rows)
+        block = as_float(np.unpackbits(keep_bits[start:stop].numpy(), axis=1, count=cols).view(bool), keep)
         if grad_x is not None:
-            torch.mm(dyb[start:stop], lora_a, out=grad_x[start:stop]).mul_(keep)
+            torch.mm(dyb[start:stop], lora_a, out=grad_x[start:stop]).mul_(block)
         if grad_a is not None:
-            grad_a.addmm_(dyb[start:stop].t(), keep.mul_(x[start:stop]))
+            grad_a.addmm_(dyb[start:stop].t(), block.mul_(x[start:stop]))
     return grad_a
 
 
 def lora_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
-    """Return (y, xa) with xa = drop(x) A^T kept for backward."""
-    xa = torch.mm(x, lora_a.t()) if dropout_p == 0.0 else dropped_xa(x, lora_a, dropout_p, seed)
+    """Return (y, saved): saved = (xa,) with xa = drop(x) A^T, and with dropout the packed keep mask, for backward."""
+    if dropout_p == 0.0:
+        xa = torch.mm(x, lora_a.t())
+        saved = (xa,)
+    else:
+        xa, keep_bits = dropped_xa(x, lora_a, dropout_p, seed)
+        saved = (xa, keep_bits)
     # The r-wide LoRA product first, then the base GEMM accumulates onto it (beta=1 is free inside the GEMM,
     # which loads its output tiles anyway): one pass over y fewer than adding the LoRA term afterwards.
     if bias is not None:
@@ -130,12 +139,13 @@ def lora_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
     else:
         y = torch.mm(xa, lora_b.t()).mul_(scaling)
     y.addmm_(x, weight.t())
-    return y, xa
+    return y, saved
 
 
-def lora_backward(grad_y, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, *,
+def lora_backward(grad_y, x, weight, lora_a, lora_b, saved, scaling, dropout_p, seed, *,
                   need_x, need_weight, need_bias, need_a, need_b):
-    """Gradients (x, weight, bias, lora_a, lora_b); None where not needed. The mask is redrawn from seed."""
+    """Gradients (x, weight, bias, lora_a, lora_b); None where not needed. The mask is forward's, unpacked."""
+    xa = saved[0]
     grad_x = grad_w = grad_bias = grad_a = grad_b = None
     if need_x or need_a:
         # scaling and 1/(1-p) go into the r-wide dyb, never into a [tokens, in] tensor.
@@ -147,8 +157,9 @@ def lora_backward(grad_y, x, weight, lora_a, lora_b, xa, scaling, dropout_p, see
         if need_a:
             grad_a = torch.mm(dyb.t(), x)
     elif need_x or need_a:
-        # The dropout mask is redrawn from the seed rather than saved: [tokens, in] bytes are not kept alive.
-        grad_a = dropped_grads(x, lora_a, dyb, grad_x, dropout_p, seed, need_a)
+        # The mask comes back from forward's bits (1/8 byte an element of x): redrawing it from the seed, as the GPU
+        # kernels do, costs a serial mt19937 draw here (about 5 % of the frozen layer's step at 2048 x 4096).
+        grad_a = dropped_grads(x, lora_a, dyb, grad_x, saved[1], need_a)
     if need_x:
         grad_x.addmm_(grad_y, weight)
     if need_weight:

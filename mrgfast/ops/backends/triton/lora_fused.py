@@ -214,13 +214,13 @@ def _check_rank(rank: int) -> int:
 
 
 def lora_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
-    """Return (y, xa): y [M, N] in x's dtype and xa = drop(x) A^T [M, r] in fp32 for backward."""
+    """Return (y, (xa,)): y [M, N] in x's dtype and xa = drop(x) A^T [M, r] in fp32 for backward."""
     (M, K), N, rank = x.shape, weight.shape[0], lora_a.shape[0]
     R = _check_rank(rank)
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     xa = torch.empty((M, rank), dtype=torch.float32, device=x.device)
     if M == 0 or N == 0:
-        return y, xa
+        return y, (xa,)
     settings = launch_settings(x)
     args = (x, weight, bias if bias is not None else x, lora_a, lora_b, y, xa, M, N, K, rank,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_a.stride(0), lora_a.stride(1),
@@ -234,7 +234,7 @@ def lora_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
     else:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
         _tuned_forward(R > 64)(grid, *args, **flags)
-    return y, xa
+    return y, (xa,)
 
 
 def _grad_input(grad_y, weight, lora_a, lora_b, scaling, dropout_p, seed, compute_dx):
@@ -300,9 +300,10 @@ def matmul_tn(left, right, alpha=1.0, out_dtype=None, dropout_p=0.0, seed=None, 
     return out if out is not None else c.to(out_dtype)
 
 
-def lora_backward(grad_y, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, *,
+def lora_backward(grad_y, x, weight, lora_a, lora_b, saved, scaling, dropout_p, seed, *,
                   need_x, need_weight, need_bias, need_a, need_b):
     """Gradients (x, weight, bias, lora_a, lora_b); None where not needed. The mask is redrawn from seed."""
+    (xa,) = saved
     grad_x = grad_w = grad_bias = grad_a = grad_b = None
     if need_x or need_a:
         grad_x, dyb = _grad_input(grad_y, weight, lora_a, lora_b, scaling, dropout_p, seed, compute_dx=need_x)

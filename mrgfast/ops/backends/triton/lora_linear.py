@@ -229,7 +229,7 @@ def mm_fp32(left, right):
 
 
 def lora_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
-    """Return (y, u): y [M, N] in x's dtype and u = drop(x) A^T / (1-p) [M, r] in x's dtype for backward."""
+    """Return (y, (u,)): y [M, N] in x's dtype and u = drop(x) A^T / (1-p) [M, r] in x's dtype for backward."""
     _check_rank(lora_a.shape[0])
     u = torch.mm(x, lora_a.t()) if dropout_p == 0.0 else dropped_down(x, lora_a, dropout_p, seed)
     scaled_u = u * scaling  # [M, r]: scaling rides on the r-wide factor, never on a [M, N] tensor
@@ -240,12 +240,13 @@ def lora_forward(x, weight, bias, lora_a, lora_b, scaling, dropout_p, seed):
     else:
         y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
         y.addmm_(scaled_u, lora_b.t())
-    return y, u
+    return y, (u,)
 
 
-def lora_backward(grad_y, x, weight, lora_a, lora_b, u, scaling, dropout_p, seed, *,
+def lora_backward(grad_y, x, weight, lora_a, lora_b, saved, scaling, dropout_p, seed, *,
                   need_x, need_weight, need_bias, need_a, need_b):
     """Gradients (x, weight, bias, lora_a, lora_b); None where not needed; dA and dB in fp32. Mask redrawn."""
+    (u,) = saved
     grad_x = grad_w = grad_bias = grad_a = grad_b = None
     if need_x or need_a:
         # scaling and 1/(1-p) go into the r-wide g, never into a [tokens, in] tensor.
