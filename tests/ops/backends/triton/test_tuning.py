@@ -190,6 +190,8 @@ def test_cache_dir_is_user_settable(monkeypatch, tmp_path):
 def test_twenty_token_counts_tune_at_most_three_times_and_a_new_process_none(tuner_env):
     # Forward calls only: each tuning compiles and times every candidate, and this runs in the GPU suite's time box
     # (the backward kernels' keys are checked in the interpreter, tests/ops/backends/triton/test_tuned_launch.py).
+    # With dropout: the default (split) design runs no Triton kernel without it (cuBLAS only), and with it tunes
+    # lora_down_kernel, the one kernel of its forward.
     from mrgfast.ops import lora_linear
 
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -202,7 +204,7 @@ def test_twenty_token_counts_tune_at_most_three_times_and_a_new_process_none(tun
     def forward_calls():
         for tokens in counts:
             x = torch.randn(tokens, 1024, device="cuda", generator=g, dtype=torch.bfloat16)
-            lora_linear(x, weight, None, lora_a, lora_b, 2.0)
+            lora_linear(x, weight, None, lora_a, lora_b, 2.0, dropout_p=0.05, training=True, seed=tokens)
         torch.cuda.synchronize()
 
     forward_calls()
