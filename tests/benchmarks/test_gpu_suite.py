@@ -24,7 +24,7 @@ def test_parts_run_in_order_and_every_benchmark_is_one():
     groups = [p.group for p in parts]
     assert groups == sorted(groups, key=["tests", "kernels", "e2e", "train", "profile"].index)
     # Helpers are not benchmarks; every script that opens a harness run is.
-    assert not {"harness", "variants", "e2e_common", "peers"} & set(names)
+    assert not {"harness", "variants", "e2e_common", "peers", "crossover"} & set(names)
     assert {"lora_linear", "e2e_sft", "e2e_dpo", "cost_model"} <= set(names)
     assert dict(next(p for p in parts if p.name == "tests").env) == {"MRGFAST_TRITON_AUTOTUNE": "off"}
     assert sum(p.seconds for p in parts) <= parts_module.DEFAULT_BUDGET
