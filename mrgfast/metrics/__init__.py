@@ -10,6 +10,6 @@ from mrgfast.metrics.vqa import normalize_vqa_answer, vqa_accuracy, vqa_matches
 
 __all__ = [
     "REPORT_METRICS", "auroc", "binary_f1", "clinical_metrics", "flatten_metrics", "format_table",
-    "generation_rows", "hallucination_rate", "java_available", "multilabel_metrics", "normalize_vqa_answer", "report_metrics",
-    "vqa_accuracy", "vqa_matches", "write_eval_json", "write_generations",
+    "generation_rows", "hallucination_rate", "java_available", "multilabel_metrics", "normalize_vqa_answer",
+    "report_metrics", "vqa_accuracy", "vqa_matches", "write_eval_json", "write_generations",
 ]

@@ -3,7 +3,8 @@ features, trained with BCE and scored on the validation split (per-label AUROC a
 
 The encoder is frozen, so every volume's pooled feature is computed once; the linear head then trains full-batch
 for schedule.max_steps AdamW steps (optim.*, the schedule's warmup and decay) on the features standardized with the
-training volumes' statistics, folded into the saved weights (a plain linear head on the encoder's features). It writes into output_dir:
+training volumes' statistics, folded into the saved weights (a plain linear head on the encoder's features). It
+writes into output_dir:
 classifier.safetensors + classifier.json (what model.classifier_from loads), eval-step-XXXXXX.json (every metric),
 eval.jsonl (the macro figures), metrics.jsonl (loss and LR) and config.yaml.
 """

@@ -64,7 +64,8 @@ def block_rows(cols: int) -> int:
     return max(1, BLOCK_ELEMENTS // max(cols, 1))
 
 
-def keep_blocks(rows: int, cols: int, p: float, seed: int, rows_per_block: int) -> Iterator[tuple[int, int, np.ndarray]]:
+def keep_blocks(rows: int, cols: int, p: float, seed: int,
+                rows_per_block: int) -> Iterator[tuple[int, int, np.ndarray]]:
     """(start, stop, flags) for consecutive row blocks of torch_keep_mask(rows, cols, p, seed), as numpy bools.
 
     `flags` is a view of one buffer that the next block overwrites: callers must be done with it before asking for
