@@ -50,6 +50,11 @@ class GroupLayout:
         return self.block_h * self.block_w
 
     @property
+    def mode(self) -> str:
+        """"1d" (blocks of one row) or "2d" (s x s blocks; a 2d grid one row high still has them)."""
+        return "1d" if self.block_h == 1 else "2d"
+
+    @property
     def blocks_h(self) -> int:
         """Block rows (padded grid height / block_h)."""
         return -(-self.height // self.block_h)
@@ -126,7 +131,7 @@ def group_layout(shape, group: int, mode: str = "1d", grid: Optional[tuple[int, 
 
 def routing_case(layout: GroupLayout) -> str:
     """The op's case in mrgfast.ops.routing for a grouping that is not a free view: 1d (padded) or 2d, padded or not."""
-    if layout.block_h == 1:  # 1d: blocks of one row (a 2d grid one row high still has s x s blocks)
+    if layout.mode == "1d":
         return "1d_pad"
     return "2d_pad" if layout.padded else "2d"
 

@@ -33,9 +33,8 @@ def reference_grouped_projection(x: Tensor, weight: Tensor, bias: Optional[Tenso
 
 def routing_case(x: Tensor, layout: GroupLayout) -> str:
     """The op's case in mrgfast.ops.routing: 1d or 2d grouping, x trainable (a gradient to compute) or frozen."""
-    mode = "1d" if layout.block_h == 1 else "2d"
     trainable = x.requires_grad and torch.is_grad_enabled()
-    return f"{mode}_{'train_x' if trainable else 'frozen_x'}"
+    return f"{layout.mode}_{'train_x' if trainable else 'frozen_x'}"
 
 
 def check_projection_args(x: Tensor, weight: Tensor, bias: Optional[Tensor], layout: GroupLayout,
