@@ -5,9 +5,7 @@ import inspect
 
 import torch
 from torch import Tensor, nn
-from transformers import modeling_outputs
 from transformers.loss.loss_utils import ForCausalLMLoss
-from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils.generic import can_return_tuple
 
 from mrgfast.integrations.models import HEAD_ARGUMENTS, Known
@@ -51,6 +49,22 @@ def head_operands(hidden: Tensor, head: nn.Linear) -> tuple:
     return hidden.to(dtype), head.weight.to(dtype), None if head.bias is None else head.bias.to(dtype)
 
 
+def keep_positions(hidden: Tensor, logits_to_keep) -> Tensor:
+    """The rows of `hidden` [batch, seq, dim] that the head would see under transformers' `logits_to_keep`.
+
+    transformers' own rule (`slice_logits_to_keep`, which only its newer 5.x releases export): an int keeps the last
+    n positions (0 keeps all), a 1-D tensor indexes positions, a 2-D integer tensor gathers positions per sample and a
+    2-D bool mask keeps its True rows, flattened. Written out here so the patch runs on every transformers 5.x.
+    """
+    if torch.is_tensor(logits_to_keep) and logits_to_keep.ndim == 2:
+        if logits_to_keep.dtype == torch.bool:
+            return hidden[logits_to_keep]
+        return torch.take_along_dim(hidden, logits_to_keep[..., None], dim=1)
+    if isinstance(logits_to_keep, int):
+        logits_to_keep = slice(-logits_to_keep, None)
+    return hidden[:, logits_to_keep, :]
+
+
 def causal_lm_loss(hidden: Tensor, head: nn.Linear, labels: Tensor, num_items_in_batch=None, ignore_index: int = -100,
                    shift_labels: Tensor = None, **_) -> Tensor:
     """transformers' ForCausalLMLoss from the last hidden states: the same shift, ignore_index and normalisation."""
@@ -73,7 +87,7 @@ def fused_loss_forward(model: nn.Module, known: Known, return_logits: bool):
     """The forward to bind to `model`: its class's own without labels; with labels, the backbone, then the loss."""
     signature = inspect.signature(type(model).forward)
     var_keyword = next(name for name, p in signature.parameters.items() if p.kind == p.VAR_KEYWORD)
-    output_type = getattr(modeling_outputs, known.output)
+    output_type = known.output_type(type(model))
 
     @can_return_tuple
     @functools.wraps(type(model).forward)  # the class's signature: Trainer and generate() inspect it
@@ -89,7 +103,7 @@ def fused_loss_forward(model: nn.Module, known: Known, return_logits: bool):
         loss_kwargs = arguments.get(var_keyword, {})
         # What the class's forward does up to lm_head: the same backbone call with the same arguments.
         outputs = self.model(**backbone_args, **loss_kwargs)
-        hidden = slice_logits_to_keep(outputs.last_hidden_state, arguments.get("logits_to_keep", 0))
+        hidden = keep_positions(outputs.last_hidden_state, arguments.get("logits_to_keep", 0))
         loss = causal_lm_loss(hidden, head, arguments["labels"], **loss_kwargs)
         others = {name: value for name, value in outputs.items() if name != "last_hidden_state"}
         return output_type(loss=loss, logits=head(hidden) if return_logits else None, **others)

@@ -135,7 +135,7 @@ class VisionTower(nn.Module):
         encoder = _build_encoder(family, vision_config, dtype, device, post_layernorm, merged)
         load_weights(encoder, path, keys, names, device)
         if gradient_checkpointing:
-            encoder.activation_checkpointing_enable({"use_reentrant": False})
+            enable_hf_checkpointing(encoder)
         preprocess = read_preprocess(path, family)
         return cls(encoder, family, select_layer, drop_cls, post_layernorm, merged, preprocess, frozen=frozen).eval()
 
@@ -331,6 +331,18 @@ class Qwen2VLMerger(nn.Module):
         height, width = features.grid
         merged = self.out(self.act(self.group(features.features, grid=(height, width))))
         return VisionFeatures(merged, (height // self.merge_size, width // self.merge_size))
+
+
+def enable_hf_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing on a transformers model, under either name transformers has used.
+
+    `activation_checkpointing_enable` is the newer 5.x name (the old one warns that it goes in v6); 5.17, the H200
+    image's, has only `gradient_checkpointing_enable`.
+    """
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def qwen2_vl_patchify(images: Tensor, patch_size: int, temporal_patch_size: int,

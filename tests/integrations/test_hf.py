@@ -90,6 +90,34 @@ def test_logits_are_returned_without_labels_or_when_asked(one_thread):
     torch.testing.assert_close(loss, model(**inputs).loss, **TOL)
 
 
+@pytest.mark.parametrize("keep", [4, torch.tensor([1, 5, 8])], ids=["last_4", "positions"])
+def test_logits_to_keep_selects_the_same_positions_as_transformers(keep, one_thread):
+    """With labels for the kept positions only, the loss and the logits equal the unpatched model's."""
+    model = with_lora(build("llama"))
+    inputs = batch("llama")
+    kept = inputs["labels"][:, -keep:] if isinstance(keep, int) else inputs["labels"][:, keep]
+    case = dict(inputs, labels=kept, logits_to_keep=keep)
+    want = model(**case)
+    got = mrgfast.patch(copy.deepcopy(model), return_logits=True)(**case)
+    torch.testing.assert_close(got.loss, want.loss, **TOL)
+    torch.testing.assert_close(got.logits, want.logits, **TOL)
+
+
+def test_keep_positions_per_sample_positions_and_masks_follow_transformers_rule():
+    """2-D logits_to_keep (newer transformers): integer rows gather per sample, a bool mask keeps its True rows."""
+    from mrgfast.integrations.causal_lm import keep_positions
+
+    hidden = torch.arange(2 * 5 * 3, dtype=torch.float32).view(2, 5, 3)
+    positions = torch.tensor([[0, 4], [2, 3]])
+    want = torch.stack([torch.stack([hidden[b, p] for p in row]) for b, row in enumerate(positions.tolist())])
+    torch.testing.assert_close(keep_positions(hidden, positions), want)
+    mask = torch.tensor([[True, False, False, True, True], [False, True, False, False, False]])
+    want = torch.stack([hidden[b, p] for b in range(2) for p in range(5) if mask[b, p]])
+    torch.testing.assert_close(keep_positions(hidden, mask), want)
+    torch.testing.assert_close(keep_positions(hidden, 0), hidden)  # 0 keeps every position
+    torch.testing.assert_close(keep_positions(hidden, 2), hidden[:, 3:])
+
+
 def trainer_run(model, arch: str, out_dir, patched: bool):
     """One optimizer step of transformers' Trainer over 2 accumulated micro-batches (so num_items_in_batch
     matters); returns (loss, grad_norm, trainable parameters after the step). SGD: AdamW's first step moves every
