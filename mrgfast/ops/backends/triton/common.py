@@ -1,7 +1,10 @@
 """Pieces shared by the Triton kernels: program ordering, seeded dropout masks, launch settings."""
 
+import functools
 from dataclasses import dataclass
+from typing import Optional
 
+import numpy
 import torch
 import triton
 import triton.language as tl
@@ -63,11 +66,37 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
+def interpreter_conflict(triton_version: str, numpy_version: str) -> Optional[str]:
+    """Why this Triton's interpreter cannot run beside this numpy, or None.
+
+    Triton up to 3.6 turns a one-element array into a loop bound with int(array), which numpy 2.4 refuses for arrays
+    with a dimension; Triton 3.7 squeezes first. Every kernel with a runtime loop bound then fails in the
+    interpreter with "only 0-dimensional arrays can be converted to Python scalars". Compiled kernels are unaffected.
+    """
+    def major_minor(version: str) -> tuple:
+        return tuple(int(part) for part in version.split(".")[:2])
+
+    if major_minor(triton_version) <= (3, 6) and major_minor(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s interpreter (TRITON_INTERPRET=1) cannot run beside numpy {numpy_version}: "
+                "it calls int() on one-element arrays, which numpy 2.4 refuses; install numpy<2.4 or triton>=3.7")
+    return None
+
+
+@functools.cache
+def check_interpreter() -> None:
+    """RuntimeError naming the versions when the installed Triton interpreter cannot run with the installed numpy."""
+    conflict = interpreter_conflict(triton.__version__, numpy.__version__)
+    if conflict:
+        raise RuntimeError(conflict)
+
+
 def launch_settings(tensor: torch.Tensor) -> LaunchSettings:
     """Launch settings for kernels reading `tensor`."""
     interpret = not tensor.is_cuda
     if interpret and not triton_interpreting():
         raise RuntimeError("Triton kernels on CPU tensors need TRITON_INTERPRET=1")
+    if interpret:
+        check_interpreter()
     # The interpreter multiplies raw bf16 bit patterns in tl.dot, so tiles go to fp32 there.
     return LaunchSettings(interpret, {"DOT_FP32": interpret, "PRECISION": dot_precision(tensor.dtype)})
 
