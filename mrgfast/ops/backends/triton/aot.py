@@ -132,7 +132,7 @@ def main(argv=None) -> int:
             failures += [f"{name} {spec.variant} sm_{arch}: {problem}" for problem in problems]
     for failure in failures:
         print(f"FAIL {failure}", file=sys.stderr)
-    print(f"aot: {len(jobs)} compilations, {len(failures)} failures")
+    print(f"aot: {len(jobs)} compilations with Triton {triton.__version__}, {len(failures)} failures")
     return 1 if failures else 0
 
 
