@@ -12,8 +12,8 @@ from peft import set_peft_model_state_dict
 
 from mrgfast.assemble.data import demo_tokenizer
 from mrgfast.data.synthetic import generate_demo
-from mrgfast.demo.base_models import hf_llama_config
 from mrgfast.models import Decoder, DecoderConfig
+from mrgfast.models.config import hf_llama_config
 from mrgfast.peft import LoraConfig, adapter_state_dict, apply_lora
 
 # PeFoMed's adapter (REFERENCE.md): LoRA on q_proj and v_proj, r=64, alpha=16, dropout 0.05, no bias.

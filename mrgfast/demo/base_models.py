@@ -35,7 +35,7 @@ from mrgfast.data.synthetic.reports import write_report
 from mrgfast.data.synthetic.vqa import study_questions
 from mrgfast.data.text import clean_report_iu_xray
 from mrgfast.data.tokenizer import build_demo_tokenizer
-from mrgfast.models.config import DecoderConfig
+from mrgfast.models.config import DecoderConfig, hf_llama_config
 from mrgfast.models.decoder import Decoder
 from mrgfast.models.vit import ViT
 from mrgfast.models.vit_io import save_vit as save_vision
@@ -287,18 +287,6 @@ def decoder_config(settings: BaseModelSettings, vocab_size: int) -> DecoderConfi
     return DecoderConfig(vocab_size=vocab_size, hidden_size=settings.hidden_size,
                          intermediate_size=settings.intermediate_size, num_hidden_layers=settings.num_layers,
                          num_attention_heads=settings.num_heads, max_position_embeddings=1024)
-
-
-def hf_llama_config(config: DecoderConfig, tokenizer) -> dict:
-    """config.json in transformers' Llama format for `config`."""
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": config.vocab_size,
-            "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
-            "num_hidden_layers": config.num_hidden_layers, "num_attention_heads": config.num_attention_heads,
-            "num_key_value_heads": config.num_key_value_heads, "head_dim": config.head_dim, "hidden_act": "silu",
-            "rms_norm_eps": config.rms_norm_eps, "rope_theta": config.rope_theta,
-            "max_position_embeddings": config.max_position_embeddings, "tie_word_embeddings": False,
-            "attention_bias": False, "mlp_bias": False, "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id, "torch_dtype": "float32"}
 
 
 def lm_batches(sequences: list, batch: int, steps: int, pad_id: int, generator: torch.Generator):

@@ -151,3 +151,16 @@ def check_rope_scaling(rope: Optional[dict]) -> Optional[dict]:
         if not isinstance(rope.get(key), (int, float)) or isinstance(rope.get(key), bool):
             raise ValueError(f"rope_scaling of type {rope_type!r} needs a number {key!r}, got {rope.get(key)!r}")
     return None if rope_type == "default" else rope
+
+
+def hf_llama_config(config: DecoderConfig, tokenizer) -> dict:
+    """config.json in transformers' Llama format for `config` (the reverse of reading one); the special token ids
+    come from `tokenizer`."""
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": config.vocab_size,
+            "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
+            "num_hidden_layers": config.num_hidden_layers, "num_attention_heads": config.num_attention_heads,
+            "num_key_value_heads": config.num_key_value_heads, "head_dim": config.head_dim, "hidden_act": "silu",
+            "rms_norm_eps": config.rms_norm_eps, "rope_theta": config.rope_theta,
+            "max_position_embeddings": config.max_position_embeddings, "tie_word_embeddings": False,
+            "attention_bias": False, "mlp_bias": False, "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id, "torch_dtype": "float32"}

@@ -5,7 +5,7 @@ import torch
 
 from mrgfast.layers.affine_prompt import AffinePromptGenerator
 from mrgfast.ops.affine_prompt import reference_affine_prompt
-from tests.ops.lora_cases import BACKENDS, GPU_BACKENDS, assert_close, use_backend
+from tests.ops.op_cases import BACKENDS, GPU_BACKENDS, assert_close, use_backend
 
 VISUAL, LLM, PROMPTS, BATCH, TOKENS = 12, 37, 5, 3, 7
 

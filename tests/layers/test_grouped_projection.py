@@ -6,7 +6,7 @@ from torch import nn
 
 from mrgfast.layers.grouped_projection import GroupedProjection
 from mrgfast.ops.group_tokens import group_layout, reference_group_tokens
-from tests.ops.lora_cases import BACKENDS, assert_close, use_backend
+from tests.ops.op_cases import BACKENDS, assert_close, use_backend
 
 
 def eager_twin(layer: GroupedProjection):

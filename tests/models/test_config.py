@@ -78,3 +78,21 @@ def test_missing_fields_and_bad_mrope_section():
         DecoderConfig.from_hf({k: v for k, v in LLAMA2.items() if k != "intermediate_size"})
     with pytest.raises(ValueError, match="mrope_section must be 3 ints summing to head_dim/2 = 64"):
         DecoderConfig.from_hf(dict(QWEN2_VL_LEGACY, rope_scaling={"type": "mrope", "mrope_section": [16, 24]}))
+
+
+def test_hf_llama_config_reads_back_as_the_same_decoder_config_and_builds_transformers_llama():
+    """The written config.json is read back to the same DecoderConfig, and transformers builds its Llama from it."""
+    import types
+
+    import transformers
+
+    from mrgfast.models.config import hf_llama_config
+
+    config = DecoderConfig(vocab_size=50, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=5000.0,
+                           max_position_embeddings=64)
+    tokenizer = types.SimpleNamespace(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    written = hf_llama_config(config, tokenizer)
+    assert DecoderConfig.from_hf(written) == config
+    llama = transformers.LlamaConfig(**{k: v for k, v in written.items() if k != "architectures"})
+    assert (llama.num_key_value_heads, llama.head_dim, llama.eos_token_id) == (2, 6, 2)

@@ -6,7 +6,7 @@ import torch
 
 from mrgfast.models import Decoder, DecoderConfig, generate
 from mrgfast.peft import LoraConfig, apply_lora
-from tests.ops.lora_cases import use_backend
+from tests.ops.op_cases import use_backend
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FP32 = dict(rtol=2e-5, atol=2e-5)

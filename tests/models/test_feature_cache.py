@@ -13,7 +13,7 @@ from mrgfast.models.feature_cache import FeatureCache, check_no_augmentation, en
 from mrgfast.models.multimodal import MultimodalLM
 from mrgfast.ops.linear_cross_entropy import linear_cross_entropy
 from tests.models.test_multimodal import IMAGE, PATCH, build_recipe, items, pack, tokenizer  # noqa: F401
-from tests.ops.lora_cases import assert_close
+from tests.ops.op_cases import assert_close
 
 
 def frozen_vit(seed: int = 0) -> ViT:

@@ -17,7 +17,7 @@ from mrgfast.models import Decoder, DecoderConfig, Qwen2VLMerger, ViT, ViT3D, Vi
 from mrgfast.models.multimodal import AdapterSpec, MultimodalLM, register_adapter
 from mrgfast.peft import LoraConfig, apply_lora, disable_adapters
 from tests.models.tiny_hf import SIZES, VISION
-from tests.ops.lora_cases import assert_close
+from tests.ops.op_cases import assert_close
 
 import transformers
 

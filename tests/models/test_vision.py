@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from mrgfast.data.images import ImageConfig, preprocess_image
 from mrgfast.models.vision import (Qwen2VLMerger, VisionFeatures, VisionTower, blocks_to_rows, qwen2_vl_patchify)
 from tests.models.tiny_hf import VISION
-from tests.ops.lora_cases import assert_close
+from tests.ops.op_cases import assert_close
 
 import transformers
 

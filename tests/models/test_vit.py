@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from mrgfast.layers.diagnostic_prefix import DiagnosticPrefix
 from mrgfast.models.vit import ViT, ViT3D, sincos_position_embedding
-from tests.ops.lora_cases import assert_close
+from tests.ops.op_cases import assert_close
 
 DIM, HEADS = 24, 3
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.ops.lora_cases import assert_close
+from tests.ops.op_cases import assert_close
 
 # Every backend these ops have that the CPU can run: the reference (the "auto" path on CPU) and Triton's kernels in
 # the interpreter.

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mrgfast.ops.affine_prompt import affine_prompt, reference_affine_prompt
-from tests.ops.lora_cases import BACKENDS, GPU_BACKENDS, assert_close, use_backend
+from tests.ops.op_cases import BACKENDS, GPU_BACKENDS, assert_close, use_backend
 
 # (B, L, K, D); K None is prompt-wise (P [L, D], no weights). D = 130 crosses the Triton test blocks (64) and
 # the C++ feature chunks (64); K = 3 leaves masked lanes in the Triton bank tile (4); K = 1 is a one-entry book.

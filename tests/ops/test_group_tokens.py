@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mrgfast.ops.group_tokens import group_layout, group_tokens, reference_group_tokens
-from tests.ops.lora_cases import BACKENDS, GPU_BACKENDS, use_backend
+from tests.ops.op_cases import BACKENDS, GPU_BACKENDS, use_backend
 
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from mrgfast.ops.group_tokens import group_layout
 from mrgfast.ops.grouped_projection import grouped_projection, reference_grouped_projection
-from tests.ops.lora_cases import BACKENDS, GPU_BACKENDS, assert_close, use_backend
+from tests.ops.op_cases import BACKENDS, GPU_BACKENDS, assert_close, use_backend
 from tests.ops.test_group_tokens import GPU_SHAPES
 
 # (batch, tokens, dim, out, group, mode, grid, pad, normalize, bias): odd dims (40, 72), odd outs, padding.

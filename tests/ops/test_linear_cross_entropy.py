@@ -8,8 +8,8 @@ from mrgfast.ops.backends.torch import linear_cross_entropy as cpu_kernels
 from mrgfast.ops.linear_cross_entropy import (
     check_labels, kernels, linear_cross_entropy, linear_logprobs, reference_logprobs,
 )
-from tests.ops.lora_cases import BACKENDS, TOLERANCE, use_backend
-from tests.ops.lora_cases import assert_close as assert_close_to
+from tests.ops.op_cases import BACKENDS, TOLERANCE, use_backend
+from tests.ops.op_cases import assert_close as assert_close_to
 
 # fp32 gradients sum ~150k vocabulary terms (with label smoothing, terms that nearly cancel): summation
 # order alone moves them by ~1e-4 of their largest entry, so fp32 gets a wider bound than the matmul ops.

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mrgfast.ops import lora_linear, reference_lora_linear
-from tests.ops.lora_cases import LORA_BACKENDS, assert_close, keep_mask_of, use_backend
+from tests.ops.op_cases import LORA_BACKENDS, assert_close, keep_mask_of, use_backend
 
 # (leading dims, in, out, r): tokens 1, 18, 19, 37, 129; in/out not multiples of 16; r across {1, 5, 8, 16, 64}.
 SHAPES = [((37,), 45, 29, 1), ((2, 9), 33, 50, 8), ((1,), 17, 3, 64), ((19,), 70, 66, 5), ((129,), 40, 23, 16)]

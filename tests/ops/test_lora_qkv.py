@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mrgfast.ops import lora_qkv_linear, reference_lora_linear, reference_lora_qkv_linear
-from tests.ops.lora_cases import LORA_BACKENDS, assert_close, keep_mask_of, use_backend
+from tests.ops.op_cases import LORA_BACKENDS, assert_close, keep_mask_of, use_backend
 
 
 def make_projections(n_in, outs, ranks, dtype, bias=True, seed=0):

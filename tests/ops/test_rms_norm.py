@@ -5,7 +5,7 @@ import torch
 
 from mrgfast.ops.rms_norm import reference_rms_norm, rms_norm
 from tests.ops.elementwise_cases import BACKENDS, DTYPES, TOKENS, check_against_oracle, random
-from tests.ops.lora_cases import use_backend
+from tests.ops.op_cases import use_backend
 
 HIDDEN = [1, 37, 300]  # one feature, and rows that are not a power of two wide
 

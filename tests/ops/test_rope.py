@@ -7,7 +7,7 @@ from mrgfast.models.config import DecoderConfig
 from mrgfast.models.rope import RotaryEmbedding
 from mrgfast.ops.rope import reference_rope, rope
 from tests.ops.elementwise_cases import BACKENDS, DTYPES, TOKENS, check_against_oracle, random
-from tests.ops.lora_cases import use_backend
+from tests.ops.op_cases import use_backend
 
 
 def tables(tokens: int, head_dim: int, mrope: bool, seed: int):

@@ -5,7 +5,7 @@ import torch
 
 from mrgfast.ops.swiglu import reference_swiglu, swiglu
 from tests.ops.elementwise_cases import BACKENDS, DTYPES, TOKENS, check_against_oracle, random
-from tests.ops.lora_cases import use_backend
+from tests.ops.op_cases import use_backend
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -6,7 +6,7 @@ import torch
 
 from mrgfast.ops import lora_linear
 from mrgfast.ops.backend import triton_interpreting
-from tests.ops.lora_cases import assert_close, keep_mask_of, use_backend
+from tests.ops.op_cases import assert_close, keep_mask_of, use_backend
 
 pytestmark = pytest.mark.triton
 

@@ -12,7 +12,7 @@ import torch
 from mrgfast.ops.backend import triton_interpreting
 from mrgfast.ops.backends.triton import tuning
 from mrgfast.ops.backends.triton.common import LaunchSettings
-from tests.ops.lora_cases import assert_close, keep_mask_of
+from tests.ops.op_cases import assert_close, keep_mask_of
 
 pytestmark = pytest.mark.triton
 

@@ -1,4 +1,4 @@
-"""Shared pieces of the LoRA op tests: backends, tolerances, and the keep mask each backend draws."""
+"""Shared pieces of every op test: backends, tolerances, and the keep mask each backend draws (dropout in LoRA)."""
 
 import pytest
 import torch
