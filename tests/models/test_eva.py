@@ -315,31 +315,30 @@ def test_bad_lavis_files_name_the_file_and_keys(timm_dir, tmp_path):
 def test_bad_timm_directories_name_the_file(timm_dir, tmp_path):
     model, path = timm_dir
     config = json.loads((path / "config.json").read_text())
-    unknown = tmp_path / "unknown"
-    unknown.mkdir()
-    (unknown / "config.json").write_text(json.dumps(dict(config, architecture="eva_nonexistent_patch14")))
-    (unknown / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes())
+
+    def timm_copy(name: str, config: dict, weights: bool = True):
+        """A timm directory `name` with this config.json and (unless not `weights`) the fixture's weights."""
+        directory = tmp_path / name
+        directory.mkdir()
+        (directory / "config.json").write_text(json.dumps(config))
+        if weights:
+            (directory / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes())
+        return directory
+
+    unknown = timm_copy("unknown", dict(config, architecture="eva_nonexistent_patch14"))
     with pytest.raises(ValueError, match=r"unknown/model\.safetensors: timm cannot build architecture "
                                          r"'eva_nonexistent_patch14'"):
         VisionTower.from_pretrained(unknown)
 
-    newer = tmp_path / "newer"
-    newer.mkdir()
-    (newer / "config.json").write_text(json.dumps(dict(config, model_args=dict(config["model_args"], warp_factor=9))))
-    (newer / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes())
+    newer = timm_copy("newer", dict(config, model_args=dict(config["model_args"], warp_factor=9)))
     with pytest.raises(ValueError, match=r"newer/model\.safetensors: timm cannot build .*warp_factor"):
         VisionTower.from_pretrained(newer)
 
-    deeper = tmp_path / "deeper"
-    deeper.mkdir()
-    (deeper / "config.json").write_text(json.dumps(dict(config, model_args=dict(config["model_args"], depth=5))))
-    (deeper / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes())
+    deeper = timm_copy("deeper", dict(config, model_args=dict(config["model_args"], depth=5)))
     with pytest.raises(ValueError, match=r"deeper/config\.json: model_args depth=5, but .* holds 3 blocks"):
         VisionTower.from_pretrained(deeper)
 
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    (empty / "config.json").write_text(json.dumps(config))
+    empty = timm_copy("empty", config, weights=False)
     with pytest.raises(FileNotFoundError, match=r"empty/model\.safetensors not found"):
         VisionTower.from_pretrained(empty)
 
